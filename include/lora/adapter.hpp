@@ -1,0 +1,110 @@
+// LoRAAdapter<T>: the trainable half of a LoRA layer, h += s * B * (A * x), with its gradients.
+// It knows nothing of the frozen weight, so one frozen base can carry several adapters.
+#pragma once
+
+#include "lora/config.hpp"
+#include "lora/detail/check.hpp"
+#include "lora/random.hpp"
+#include "lora/workspace.hpp"
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <type_traits>
+#include <utility>
+
+namespace lora {
+
+template <typename T>
+class LoRAAdapter {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "lora: adapters support T = float or T = double only; convert other types first.");
+
+ public:
+  using Scalar = T;
+  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  using Index = Eigen::Index;
+
+  /// A fresh adapter for a d x k weight: A drawn as cfg.init says (seeded), B = 0.
+  LoRAAdapter(Index out_features, Index in_features, const LoRAConfig& cfg) : config_(cfg) {
+    detail::require(out_features >= 1 && in_features >= 1,
+                    "LoRAAdapter: the weight must be at least 1 x 1, got ",
+                    detail::shape_string(out_features, in_features));
+    cfg.validate_for(out_features, in_features);
+    scaling_ = static_cast<T>(cfg.scaling());
+    A_.resize(cfg.rank, in_features);
+    B_.setZero(out_features, cfg.rank);
+    Rng rng(cfg.seed);
+    if (cfg.init == Init::Gaussian) {
+      fill_normal(A_, rng, 0.0, 1.0 / cfg.rank);
+    } else {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
+      fill_uniform(A_, rng, -bound, bound);
+    }
+    zero_grad();
+  }
+
+  Index rank() const { return A_.rows(); }
+  Index in_features() const { return A_.cols(); }
+  Index out_features() const { return B_.rows(); }
+  const LoRAConfig& config() const { return config_; }
+
+  /// s = alpha / r (or alpha / sqrt(r) with rsLoRA), as a T.
+  T scaling() const { return scaling_; }
+
+  const Matrix& A() const { return A_; }  ///< r x k
+  const Matrix& B() const { return B_; }  ///< d x r
+  Matrix& A() { return A_; }
+  Matrix& B() { return B_; }
+  const Matrix& grad_A() const { return grad_A_; }  ///< dL/dA, r x k, accumulated
+  const Matrix& grad_B() const { return grad_B_; }  ///< dL/dB, d x r, accumulated
+  Matrix& grad_A() { return grad_A_; }
+  Matrix& grad_B() { return grad_B_; }
+
+  /// Replaces A and B (for example with loaded values); shapes must match this adapter.
+  void set_weights(const Eigen::Ref<const Matrix>& A, const Eigen::Ref<const Matrix>& B) {
+    detail::require_shape("LoRAAdapter::set_weights", "A", A, rank(), in_features());
+    detail::require_shape("LoRAAdapter::set_weights", "B", B, out_features(), rank());
+    A_ = A;
+    B_ = B;
+  }
+
+  void zero_grad() {
+    grad_A_.setZero(A_.rows(), A_.cols());
+    grad_B_.setZero(B_.rows(), B_.cols());
+  }
+
+  /// Trainable parameters: r * (d + k).
+  Index parameter_count() const { return A_.size() + B_.size(); }
+
+  /// H += s * B * (A * X).   X: k x n,  H: d x n,  AX (scratch): r x n, holds A*X afterwards.
+  void add_forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
+                   Eigen::Ref<Matrix> AX) const {
+    AX.noalias() = A_ * X;              // (r x k)(k x n): r*k*n
+    H.noalias() += scaling_ * B_ * AX;  // (d x r)(r x n): d*r*n
+  }
+
+  /// Accumulates the gradients of L for G = dL/dH (cost O(n * r * (d + k)), no d x k matrix):
+  ///   dB += s * G * (A X)^T              (d x n)(n x r)
+  ///   dA += s * (B^T G) * X^T            (r x n)(n x k)
+  /// AX and BtG are r x n scratch; BtG holds B^T G afterwards, for add_input_gradient.
+  void accumulate_gradients(const Eigen::Ref<const Matrix>& X, const Eigen::Ref<const Matrix>& G,
+                            Eigen::Ref<Matrix> AX, Eigen::Ref<Matrix> BtG) {
+    AX.noalias() = A_ * X;               // (r x k)(k x n)
+    BtG.noalias() = B_.transpose() * G;  // (r x d)(d x n)
+    grad_B_.noalias() += scaling_ * G * AX.transpose();
+    grad_A_.noalias() += scaling_ * BtG * X.transpose();
+  }
+
+  /// dX += s * A^T * (B^T G): the adapter's share of dL/dX.   BtG: r x n,  dX: k x n.
+  void add_input_gradient(const Eigen::Ref<const Matrix>& BtG, Eigen::Ref<Matrix> dX) const {
+    dX.noalias() += scaling_ * A_.transpose() * BtG;  // (k x r)(r x n)
+  }
+
+ private:
+  LoRAConfig config_;
+  T scaling_{};
+  Matrix A_, B_, grad_A_, grad_B_;
+};
+
+}  // namespace lora

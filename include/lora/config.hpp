@@ -1,0 +1,64 @@
+// LoRAConfig: the hyper-parameters of one adapter, validated once, held by value.
+#pragma once
+
+#include "lora/detail/check.hpp"
+
+#include <cmath>
+#include <cstdint>
+
+namespace lora {
+
+/// How A is initialised (B always starts at zero, so the adapted layer starts equal to the base).
+enum class Init {
+  /// A ~ N(0, (1/r)^2): PEFT's `init_lora_weights="gaussian"`.
+  Gaussian,
+  /// A ~ U(-1/sqrt(k), 1/sqrt(k)): PyTorch's kaiming_uniform_(a = sqrt(5)) with fan_in = k, as in
+  /// PEFT's default (`init_lora_weights=True`) and Microsoft's loralib. The bound follows from
+  /// gain = sqrt(2 / (1 + a^2)) = sqrt(1/3) and bound = sqrt(3) * gain / sqrt(fan_in).
+  KaimingUniform,
+};
+
+/// What unmerge() does with the frozen weight.
+enum class MergeMode {
+  /// merge() adds s*B*A to W in place; unmerge() subtracts it again, as PEFT does. No extra
+  /// memory, but each cycle can move an element by a rounding error: after c cycles
+  /// |W - W0| <= c * 2u * (|W0| + |s*B*A|) elementwise (u = unit roundoff of T), and in practice
+  /// far less (the errors are unbiased).
+  InPlace,
+  /// merge() keeps a pristine copy of W0 beside the merged weight; unmerge() swaps it back, so
+  /// W0 comes back bit for bit, at once. Costs a second d x k buffer once the layer has merged.
+  ExactRestore,
+};
+
+/// Hyper-parameters of one LoRA adapter (arXiv 2106.09685).
+struct LoRAConfig {
+  int rank = 8;                ///< r: the adapter's rank, 1 <= r <= min(d, k).
+  double alpha = 16.0;         ///< lora_alpha: the scale numerator.
+  bool use_rslora = false;     ///< rsLoRA (arXiv 2312.03732): s = alpha / sqrt(r), not alpha / r.
+  Init init = Init::Gaussian;  ///< How A is drawn; B is always zero.
+  std::uint64_t seed = 0;      ///< Seed of A's draw: the same seed gives the same A everywhere.
+  MergeMode merge_mode = MergeMode::InPlace;
+
+  /// s = alpha / r, or alpha / sqrt(r) with use_rslora (Eq. 4 of the paper scales B*A by it).
+  double scaling() const {
+    validate();
+    return use_rslora ? alpha / std::sqrt(static_cast<double>(rank))
+                      : alpha / static_cast<double>(rank);
+  }
+
+  /// Throws std::invalid_argument when the settings cannot describe an adapter.
+  void validate() const {
+    detail::require(rank >= 1, "LoRAConfig: rank must be at least 1, got ", rank);
+    detail::require(std::isfinite(alpha), "LoRAConfig: alpha must be finite, got ", alpha);
+  }
+
+  /// As validate(), and also that the rank fits a d x k layer: r <= min(d, k).
+  void validate_for(long long out_features, long long in_features) const {
+    validate();
+    const long long limit = out_features < in_features ? out_features : in_features;
+    detail::require(rank <= limit, "LoRAConfig: rank must be at most min(out, in) = ", limit,
+                    " for a ", out_features, " x ", in_features, " weight, got ", rank);
+  }
+};
+
+}  // namespace lora

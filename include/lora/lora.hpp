@@ -1,0 +1,10 @@
+// lora: Low-Rank Adaptation (arXiv 2106.09685) for frozen Eigen models. The umbrella header.
+#pragma once
+
+#include "lora/adapter.hpp"
+#include "lora/config.hpp"
+#include "lora/dense_frozen_weight.hpp"
+#include "lora/lora_linear.hpp"
+#include "lora/random.hpp"
+#include "lora/version.hpp"
+#include "lora/workspace.hpp"

@@ -1,0 +1,208 @@
+// LoRALinear<T>: a frozen linear layer W0 (d x k) with one trainable low-rank adapter,
+//   H = W0 X + b + s B (A X)          (the paper's Eq. 3, with a column per sample)
+#pragma once
+
+#include "lora/adapter.hpp"
+#include "lora/config.hpp"
+#include "lora/dense_frozen_weight.hpp"
+#include "lora/detail/check.hpp"
+#include "lora/workspace.hpp"
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <stdexcept>
+#include <type_traits>
+#include <utility>
+
+namespace lora {
+
+/// A frozen linear layer with a LoRA adapter. Shapes: W0 is d x k (out x in, the layout of
+/// torch.nn.Linear.weight), A is r x k, B is d x r, inputs X are k x n with one column per sample,
+/// outputs H are d x n.
+///
+/// The convenience calls (`forward(X)`, `backward(X, G)`) return new matrices; the out-parameter
+/// overloads write into caller-owned storage and take a Workspace, and allocate nothing once the
+/// workspace has grown to the batch size. const members are safe to call from many threads at
+/// once; anything that changes the layer needs exclusive access.
+///
+/// `Frozen` is the storage of W0 (DenseFrozenWeight<T> by default): see dense_frozen_weight.hpp
+/// for what a storage provides.
+template <typename T, typename Frozen = DenseFrozenWeight<T>>
+class LoRALinear {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                "lora::LoRALinear<T> supports T = float or T = double only; convert the weight "
+                "with .template cast<float>() first.");
+
+ public:
+  using Scalar = T;
+  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+  using Index = Eigen::Index;
+  using Adapter = LoRAAdapter<T>;
+  using WorkspaceType = Workspace<T>;
+
+  /// Wraps the frozen weight W0 (d x k); pass an rvalue to move it in instead of copying.
+  explicit LoRALinear(Matrix W0, const LoRAConfig& config = LoRAConfig{})
+      : LoRALinear(std::move(W0), Vector(), config) {}
+
+  /// As above, with a frozen bias b of length d.
+  LoRALinear(Matrix W0, Vector bias, const LoRAConfig& config)
+      : frozen_(checked_weight(std::move(W0), config), config.merge_mode),
+        bias_(std::move(bias)),
+        adapter_(frozen_.out_features(), frozen_.in_features(), config) {
+    detail::require(bias_.size() == 0 || bias_.size() == out_features(),
+                    "LoRALinear: bias must have length ", out_features(), " (out_features), got ",
+                    bias_.size());
+  }
+
+  Index in_features() const { return frozen_.in_features(); }    ///< k
+  Index out_features() const { return frozen_.out_features(); }  ///< d
+  Index rank() const { return adapter_.rank(); }                 ///< r
+  const LoRAConfig& config() const { return adapter_.config(); }
+  T scaling() const { return adapter_.scaling(); }  ///< s = alpha / r or alpha / sqrt(r)
+
+  /// A (r x k) and B (d x r). The mutable overloads throw std::logic_error while merged: a change
+  /// then would not reach the merged weight. Read through a const layer (std::as_const) instead.
+  const Matrix& A() const { return adapter_.A(); }
+  const Matrix& B() const { return adapter_.B(); }
+  Matrix& A() { return mutable_adapter("LoRALinear::A()").A(); }
+  Matrix& B() { return mutable_adapter("LoRALinear::B()").B(); }
+  const Matrix& grad_A() const { return adapter_.grad_A(); }  ///< dL/dA, r x k
+  const Matrix& grad_B() const { return adapter_.grad_B(); }  ///< dL/dB, d x r
+  Matrix& grad_A() { return adapter_.grad_A(); }
+  Matrix& grad_B() { return adapter_.grad_B(); }
+
+  /// Replaces A (r x k) and B (d x r), e.g. with loaded values; throws while merged.
+  void set_adapter_weights(const Eigen::Ref<const Matrix>& A, const Eigen::Ref<const Matrix>& B) {
+    mutable_adapter("LoRALinear::set_adapter_weights").set_weights(A, B);
+  }
+
+  const Adapter& adapter() const { return adapter_; }
+  const Frozen& frozen() const { return frozen_; }
+  bool has_bias() const { return bias_.size() != 0; }
+  const Vector& bias() const { return bias_; }  ///< length d, or empty
+
+  /// The weight in use: W0, or W0 + s*B*A while merged.
+  decltype(auto) weight() const { return frozen_.weight(); }
+
+  /// s * B * A as a dense d x k matrix (for inspection and export; training never forms it).
+  Matrix delta_weight() const { return adapter_.scaling() * adapter_.B() * adapter_.A(); }
+
+  /// Trainable parameters r * (d + k); frozen parameters d * k (+ d with a bias).
+  Index trainable_parameter_count() const { return adapter_.parameter_count(); }
+  Index frozen_parameter_count() const { return out_features() * in_features() + bias_.size(); }
+
+  // ---- forward -------------------------------------------------------------------------------
+
+  /// H = W0 X + b + s B (A X).   X: k x n  ->  H: d x n. Allocates the result and scratch.
+  Matrix forward(const Eigen::Ref<const Matrix>& X) const {
+    Matrix H(out_features(), X.cols());
+    WorkspaceType ws;
+    forward(X, H, ws);
+    return H;
+  }
+
+  /// As above into H (d x n, must not overlap X); allocation-free once ws has grown.
+  void forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H, WorkspaceType& ws) const {
+    detail::require_rows("LoRALinear::forward", "X", X, in_features(), "in_features");
+    detail::require_shape("LoRALinear::forward", "H", H, out_features(), X.cols());
+    detail::require_no_alias("LoRALinear::forward", "H", H, "X", X);
+    frozen_.multiply(X, H);  // (d x k)(k x n): the cost of the layer
+    if (has_bias()) H.colwise() += bias_;
+    if (!frozen_.is_merged()) adapter_.add_forward(X, H, ws.get(0, rank(), X.cols()));
+  }
+
+  // ---- backward ------------------------------------------------------------------------------
+
+  /// Accumulates grad_A and grad_B for G = dL/dH (d x n) and returns dL/dX (k x n):
+  ///   dX = W0^T G + s A^T (B^T G).
+  /// X must be the input of the matching forward. Throws std::logic_error while merged.
+  Matrix backward(const Eigen::Ref<const Matrix>& X, const Eigen::Ref<const Matrix>& G) {
+    Matrix dX(in_features(), X.cols());
+    WorkspaceType ws;
+    backward(X, G, dX, ws);
+    return dX;
+  }
+
+  /// As above into dX (k x n, must not overlap X or G); allocation-free once ws has grown.
+  void backward(const Eigen::Ref<const Matrix>& X, const Eigen::Ref<const Matrix>& G,
+                Eigen::Ref<Matrix> dX, WorkspaceType& ws) {
+    check_backward_args("LoRALinear::backward", X, G);
+    detail::require_shape("LoRALinear::backward", "dX", dX, in_features(), X.cols());
+    detail::require_no_alias("LoRALinear::backward", "dX", dX, "X", X);
+    detail::require_no_alias("LoRALinear::backward", "dX", dX, "G", G);
+    auto BtG = ws.get(1, rank(), X.cols());
+    adapter_.accumulate_gradients(X, G, ws.get(0, rank(), X.cols()), BtG);
+    frozen_.multiply_transposed(G, dX);    // (k x d)(d x n)
+    adapter_.add_input_gradient(BtG, dX);  // (k x r)(r x n)
+  }
+
+  /// Accumulates grad_A and grad_B only, for a first layer whose input needs no gradient:
+  /// O(n * r * (d + k)), none of the d x k work of dX.
+  void backward_without_input_grad(const Eigen::Ref<const Matrix>& X,
+                                   const Eigen::Ref<const Matrix>& G, WorkspaceType& ws) {
+    check_backward_args("LoRALinear::backward_without_input_grad", X, G);
+    adapter_.accumulate_gradients(X, G, ws.get(0, rank(), X.cols()), ws.get(1, rank(), X.cols()));
+  }
+
+  void backward_without_input_grad(const Eigen::Ref<const Matrix>& X,
+                                   const Eigen::Ref<const Matrix>& G) {
+    WorkspaceType ws;
+    backward_without_input_grad(X, G, ws);
+  }
+
+  /// Sets grad_A and grad_B to zero.
+  void zero_grad() { adapter_.zero_grad(); }
+
+  // ---- merge -----------------------------------------------------------------------------------
+
+  /// Folds s*B*A into the weight so that forward costs exactly a dense layer. A no-op when already
+  /// merged. Throws std::domain_error, leaving the weight untouched, if A, B or s is not finite.
+  void merge() {
+    if (frozen_.is_merged()) return;
+    if (!std::isfinite(static_cast<double>(scaling())) || !adapter_.A().allFinite() ||
+        !adapter_.B().allFinite()) {
+      throw std::domain_error(
+          "LoRALinear::merge: A, B and the scaling must be finite; the weight was left as it was");
+    }
+    frozen_.merge(scaling(), adapter_.B(), adapter_.A());
+  }
+
+  /// Gives W0 back (bit-exact with MergeMode::ExactRestore; see MergeMode::InPlace for its
+  /// bound). A no-op when not merged.
+  void unmerge() {
+    if (!frozen_.is_merged()) return;
+    frozen_.unmerge(scaling(), adapter_.B(), adapter_.A());
+  }
+
+  bool is_merged() const { return frozen_.is_merged(); }
+
+ private:
+  static Matrix checked_weight(Matrix W0, const LoRAConfig& config) {
+    detail::require(W0.rows() >= 1 && W0.cols() >= 1, "LoRALinear: W0 must be at least 1 x 1, got ",
+                    detail::shape_string(W0.rows(), W0.cols()));
+    config.validate_for(W0.rows(), W0.cols());
+    return W0;
+  }
+
+  Adapter& mutable_adapter(const char* what) {
+    detail::require_state(!frozen_.is_merged(), what,
+                          ": the layer is merged; call unmerge() before changing or training the "
+                          "adapter");
+    return adapter_;
+  }
+
+  void check_backward_args(const char* where, const Eigen::Ref<const Matrix>& X,
+                           const Eigen::Ref<const Matrix>& G) {
+    mutable_adapter(where);
+    detail::require_rows(where, "X", X, in_features(), "in_features");
+    detail::require_shape(where, "G", G, out_features(), X.cols());
+  }
+
+  Frozen frozen_;
+  Vector bias_;
+  Adapter adapter_;
+};
+
+}  // namespace lora

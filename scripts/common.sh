@@ -1,0 +1,42 @@
+# Shared by scripts/demo and scripts/test: install what is missing (Debian 12), then configure and
+# build. Sourced, not run.
+
+# Debian packages the build needs; libdnnl-dev is optional (a faster frozen product when present).
+LORA_APT_PACKAGES=(g++ cmake ninja-build pkg-config libeigen3-dev nlohmann-json3-dev libgtest-dev
+  libbenchmark-dev)
+LORA_APT_OPTIONAL=(libdnnl-dev)
+
+lora_missing_packages() {
+  local missing=()
+  for p in "${LORA_APT_PACKAGES[@]}" "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  echo "${missing[@]}"
+}
+
+lora_ensure_dependencies() {
+  local missing
+  missing=$(lora_missing_packages "$@")
+  [ -z "$missing" ] && return 0
+  if [ "$(id -u)" = 0 ]; then
+    echo "Installing: $missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    # Optional packages: install when the archive has them, carry on without otherwise.
+    apt-get install -y -qq --no-install-recommends "${LORA_APT_OPTIONAL[@]}" >/dev/null 2>&1 || true
+  else
+    echo "Missing packages. Run this once, then run this script again:" >&2
+    echo "  sudo apt-get install -y $missing ${LORA_APT_OPTIONAL[*]}" >&2
+    exit 1
+  fi
+}
+
+# lora_build BUILD_DIR [extra cmake args...]
+lora_build() {
+  local dir=$1
+  shift
+  cmake -S "$LORA_ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLORA_WERROR=ON "$@" >/dev/null
+  cmake --build "$dir" -j "$(nproc)"
+}
