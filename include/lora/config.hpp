@@ -38,6 +38,9 @@ struct LoRAConfig {
   Init init = Init::Gaussian;  ///< How A is drawn; B is always zero.
   std::uint64_t seed = 0;      ///< Seed of A's draw: the same seed gives the same A everywhere.
   MergeMode merge_mode = MergeMode::InPlace;
+  /// lora_dropout: probability p in [0, 1) of zeroing an element of the adapter's input in
+  /// training mode (inverted dropout: kept elements are scaled by 1 / (1 - p)). 0 turns it off.
+  double dropout = 0.0;
 
   /// s = alpha / r, or alpha / sqrt(r) with use_rslora (Eq. 4 of the paper scales B*A by it).
   double scaling() const {
@@ -50,6 +53,8 @@ struct LoRAConfig {
   void validate() const {
     detail::require(rank >= 1, "LoRAConfig: rank must be at least 1, got ", rank);
     detail::require(std::isfinite(alpha), "LoRAConfig: alpha must be finite, got ", alpha);
+    detail::require(dropout >= 0.0 && dropout < 1.0, "LoRAConfig: dropout must be in [0, 1), got ",
+                    dropout);  // NaN fails both comparisons
   }
 
   /// As validate(), and also that the rank fits a d x k layer: r <= min(d, k).

@@ -6,11 +6,13 @@
 #include "lora/config.hpp"
 #include "lora/dense_frozen_weight.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/random.hpp"
 #include "lora/workspace.hpp"
 
 #include <Eigen/Core>
 
 #include <cmath>
+#include <cstdint>
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
@@ -25,6 +27,14 @@ namespace lora {
 /// overloads write into caller-owned storage and take a Workspace, and allocate nothing once the
 /// workspace has grown to the batch size. const members are safe to call from many threads at
 /// once; anything that changes the layer needs exclusive access.
+///
+/// LoRA dropout (config.dropout = p > 0, PEFT's lora_dropout) applies in training mode, the
+/// default as for a torch.nn.Module: the adapter sees a masked input,
+///   H = W0 X + b + s B A (M .* X),   M_ij = 0 with probability p, else 1 / (1 - p),
+/// with M drawn from the layer's own seeded Rng at each forward and kept for the backward that
+/// follows. Such a forward therefore changes the layer (the mask and the generator) although it is
+/// const: it must not run concurrently with any other call on the same layer. In eval mode, or
+/// with p = 0, forward is the plain path and is thread-safe as above.
 ///
 /// `Frozen` is the storage of W0 (DenseFrozenWeight<T> by default): see dense_frozen_weight.hpp
 /// for what a storage provides.
@@ -50,10 +60,27 @@ class LoRALinear {
   LoRALinear(Matrix W0, Vector bias, const LoRAConfig& config)
       : frozen_(checked_weight(std::move(W0), config), config.merge_mode),
         bias_(std::move(bias)),
-        adapter_(frozen_.out_features(), frozen_.in_features(), config) {
+        adapter_(frozen_.out_features(), frozen_.in_features(), config),
+        dropout_rng_(config.seed + kDropoutSeedOffset) {
     detail::require(bias_.size() == 0 || bias_.size() == out_features(),
                     "LoRALinear: bias must have length ", out_features(), " (out_features), got ",
                     bias_.size());
+  }
+
+  // ---- training / evaluation mode (LoRA dropout) ------------------------------------------------
+
+  /// Training mode (the default): forward applies LoRA dropout when config().dropout > 0.
+  void train(bool on = true) { training_ = on; }
+  /// Evaluation mode: no dropout; forward is deterministic and thread-safe.
+  void eval() { training_ = false; }
+  bool is_training() const { return training_; }
+  /// True when forward masks the adapter's input: training mode and config().dropout > 0.
+  bool dropout_active() const { return training_ && config().dropout > 0; }
+  /// Restarts the dropout generator (by default seeded from config().seed, apart from A's draw).
+  void seed_dropout(std::uint64_t seed) { dropout_rng_ = Rng(seed); }
+  /// The mask M of the last forward with dropout (k x n; entries 0 or 1 / (1 - p)); 0 x 0 before.
+  Eigen::Map<const Matrix> dropout_mask() const {
+    return Eigen::Map<const Matrix>(mask_storage_.data(), mask_rows_, mask_cols_);
   }
 
   Index in_features() const { return frozen_.in_features(); }    ///< k
@@ -110,7 +137,15 @@ class LoRALinear {
     detail::require_no_alias("LoRALinear::forward", "H", H, "X", X);
     frozen_.multiply(X, H);  // (d x k)(k x n): the cost of the layer
     if (has_bias()) H.colwise() += bias_;
-    if (!frozen_.is_merged()) adapter_.add_forward(X, H, ws.get(0, rank(), X.cols()));
+    if (frozen_.is_merged()) return;
+    if (!dropout_active()) {
+      adapter_.add_forward(X, H, ws.get(0, rank(), X.cols()));
+      return;
+    }
+    draw_dropout_mask(X.cols());
+    auto Xd = ws.get(2, in_features(), X.cols());  // M .* X, k x n
+    Xd = X.cwiseProduct(dropout_mask());
+    adapter_.add_forward(Xd, H, ws.get(0, rank(), X.cols()));
   }
 
   // ---- backward ------------------------------------------------------------------------------
@@ -133,9 +168,20 @@ class LoRALinear {
     detail::require_no_alias("LoRALinear::backward", "dX", dX, "X", X);
     detail::require_no_alias("LoRALinear::backward", "dX", dX, "G", G);
     auto BtG = ws.get(1, rank(), X.cols());
-    adapter_.accumulate_gradients(X, G, ws.get(0, rank(), X.cols()), BtG);
-    frozen_.multiply_transposed(G, dX);    // (k x d)(d x n)
-    adapter_.add_input_gradient(BtG, dX);  // (k x r)(r x n)
+    if (!dropout_active()) {
+      adapter_.accumulate_gradients(X, G, ws.get(0, rank(), X.cols()), BtG);
+      frozen_.multiply_transposed(G, dX);    // (k x d)(d x n)
+      adapter_.add_input_gradient(BtG, dX);  // (k x r)(r x n)
+      return;
+    }
+    // With the forward's mask M: dA = s (B^T G) (M .* X)^T, and the adapter's share of dX is
+    // M .* (s A^T B^T G).
+    auto Xd = masked_input("LoRALinear::backward", X, ws);
+    adapter_.accumulate_gradients(Xd, G, ws.get(0, rank(), X.cols()), BtG);
+    frozen_.multiply_transposed(G, dX);  // (k x d)(d x n)
+    Xd.setZero();                        // reused: the adapter's share of dX, before masking
+    adapter_.add_input_gradient(BtG, Xd);
+    dX += Xd.cwiseProduct(dropout_mask());
   }
 
   /// Accumulates grad_A and grad_B only, for a first layer whose input needs no gradient:
@@ -143,7 +189,12 @@ class LoRALinear {
   void backward_without_input_grad(const Eigen::Ref<const Matrix>& X,
                                    const Eigen::Ref<const Matrix>& G, WorkspaceType& ws) {
     check_backward_args("LoRALinear::backward_without_input_grad", X, G);
-    adapter_.accumulate_gradients(X, G, ws.get(0, rank(), X.cols()), ws.get(1, rank(), X.cols()));
+    if (!dropout_active()) {
+      adapter_.accumulate_gradients(X, G, ws.get(0, rank(), X.cols()), ws.get(1, rank(), X.cols()));
+      return;
+    }
+    auto Xd = masked_input("LoRALinear::backward_without_input_grad", X, ws);
+    adapter_.accumulate_gradients(Xd, G, ws.get(0, rank(), X.cols()), ws.get(1, rank(), X.cols()));
   }
 
   void backward_without_input_grad(const Eigen::Ref<const Matrix>& X,
@@ -179,6 +230,33 @@ class LoRALinear {
   bool is_merged() const { return frozen_.is_merged(); }
 
  private:
+  // Keeps the dropout stream apart from A's draw, which uses config.seed itself.
+  static constexpr std::uint64_t kDropoutSeedOffset = 0x6c6f72615f64726fULL;  // "lora_dro"
+
+  /// Draws M (k x n) into storage that grows and never shrinks: no allocation once grown.
+  void draw_dropout_mask(Index n) const {
+    const Index size = in_features() * n;
+    if (mask_storage_.size() < size) mask_storage_.resize(size);
+    mask_rows_ = in_features();
+    mask_cols_ = n;
+    const double p = config().dropout;
+    const T keep_scale = static_cast<T>(1.0 / (1.0 - p));
+    for (Index i = 0; i < size; ++i)
+      mask_storage_[i] = dropout_rng_.uniform() < p ? T(0) : keep_scale;
+  }
+
+  /// ws slot 2 := M .* X (k x n), with the mask of the matching forward.
+  Eigen::Map<Matrix> masked_input(const char* where, const Eigen::Ref<const Matrix>& X,
+                                  WorkspaceType& ws) const {
+    detail::require_state(mask_rows_ == in_features() && mask_cols_ == X.cols(), where,
+                          ": dropout is on, but no training-mode forward with a batch of ",
+                          X.cols(), " columns preceded it (the last mask is ",
+                          detail::shape_string(mask_rows_, mask_cols_), ")");
+    auto Xd = ws.get(2, in_features(), X.cols());
+    Xd = X.cwiseProduct(dropout_mask());
+    return Xd;
+  }
+
   static Matrix checked_weight(Matrix W0, const LoRAConfig& config) {
     detail::require(W0.rows() >= 1 && W0.cols() >= 1, "LoRALinear: W0 must be at least 1 x 1, got ",
                     detail::shape_string(W0.rows(), W0.cols()));
@@ -203,6 +281,11 @@ class LoRALinear {
   Frozen frozen_;
   Vector bias_;
   Adapter adapter_;
+  bool training_ = true;
+  // LoRA dropout state, written by a training-mode forward (see the class comment).
+  mutable Rng dropout_rng_;
+  mutable Vector mask_storage_;
+  mutable Index mask_rows_ = 0, mask_cols_ = 0;
 };
 
 }  // namespace lora
