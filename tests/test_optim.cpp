@@ -103,10 +103,7 @@ TEST(SGD, PlainStepIsPMinusLrG) {
 }
 
 TEST(SGD, MomentumAndWeightDecayMatchThePyTorchLoop) {
-  lora::SGDOptions o;
-  o.lr = 0.1;
-  o.momentum = 0.9;
-  o.weight_decay = 0.05;
+  const lora::SGDOptions o{/*lr=*/0.1, /*momentum=*/0.9, /*weight_decay=*/0.05, /*nesterov=*/false};
   EXPECT_MATRIX_NEAR(run<lora::SGD<double>>(o, 5), sgd_reference(o, 5), 1e-14);
   // torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.05), 4 steps, float64 (tests/ref_optim.py
   // run with /usr/bin/python3, torch 1.13), printed column-major:
@@ -116,11 +113,7 @@ TEST(SGD, MomentumAndWeightDecayMatchThePyTorchLoop) {
 }
 
 TEST(SGD, NesterovMatchesThePyTorchLoop) {
-  lora::SGDOptions o;
-  o.lr = 0.1;
-  o.momentum = 0.9;
-  o.weight_decay = 0.05;
-  o.nesterov = true;
+  const lora::SGDOptions o{/*lr=*/0.1, /*momentum=*/0.9, /*weight_decay=*/0.05, /*nesterov=*/true};
   EXPECT_MATRIX_NEAR(run<lora::SGD<double>>(o, 5), sgd_reference(o, 5), 1e-14);
   // torch.optim.SGD(lr=0.1, momentum=0.9, weight_decay=0.05, nesterov=True), 4 steps (as above):
   const Matrix torch_p =

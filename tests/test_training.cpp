@@ -54,6 +54,10 @@ float train(lora::LoRALinear<float>& layer, const Task& t, Opt& opt, int steps) 
   return mse(layer.forward(t.X), t.Y);
 }
 
+lora::AdamWOptions adamw(double lr) {
+  return {lr, 0.9, 0.999, 1e-8, /*weight_decay=*/0};
+}
+
 lora::LoRAConfig config(int r, double dropout = 0) {
   lora::LoRAConfig cfg;
   cfg.rank = r;
@@ -67,10 +71,7 @@ TEST(Training, AdamWLearnsARankTwoChange) {
   const Task t = make_task(48, 32, 2, 256);
   lora::LoRALinear<float> layer(t.W0, config(2));
   const float initial = mse(layer.forward(t.X), t.Y);
-  lora::AdamWOptions o;
-  o.lr = 2e-2;
-  o.weight_decay = 0;
-  lora::AdamW<float> opt(lora::adapter_parameters(layer), o);
+  lora::AdamW<float> opt(lora::adapter_parameters(layer), adamw(2e-2));
   const float final_loss = train(layer, t, opt, 600);
   EXPECT_LT(final_loss, 1e-4f * initial) << "initial " << initial;
   // It learned the change itself, not just something that fits X.
@@ -91,10 +92,7 @@ TEST(Training, AdamWLearnsItThroughDropout) {
   const Task t = make_task(48, 32, 2, 256);
   lora::LoRALinear<float> layer(t.W0, config(2, 0.1));
   const float initial = mse(layer.forward(t.X), t.Y);
-  lora::AdamWOptions o;
-  o.lr = 1e-2;
-  o.weight_decay = 0;
-  lora::AdamW<float> opt(lora::adapter_parameters(layer), o);
+  lora::AdamW<float> opt(lora::adapter_parameters(layer), adamw(1e-2));
   // Dropout on the input does not reach zero: in expectation it adds a ridge penalty
   // p/(1-p) sum_j ||s B A diag(x_j)||^2 to the loss, which shrinks B A below the true change.
   // The fit is still good, and far better than the rank-1 control below.
@@ -107,10 +105,7 @@ TEST(Training, ARankOneAdapterCannotFitARankTwoChange) {
   const Task t = make_task(48, 32, 2, 256);
   lora::LoRALinear<float> layer(t.W0, config(1));
   const float initial = mse(layer.forward(t.X), t.Y);
-  lora::AdamWOptions o;
-  o.lr = 2e-2;
-  o.weight_decay = 0;
-  lora::AdamW<float> opt(lora::adapter_parameters(layer), o);
+  lora::AdamW<float> opt(lora::adapter_parameters(layer), adamw(2e-2));
   EXPECT_GT(train(layer, t, opt, 600), 5e-2f * initial) << "initial " << initial;
 }
 
