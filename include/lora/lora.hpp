@@ -5,6 +5,7 @@
 #include "lora/config.hpp"
 #include "lora/dense_frozen_weight.hpp"
 #include "lora/lora_linear.hpp"
+#include "lora/optim.hpp"
 #include "lora/random.hpp"
 #include "lora/version.hpp"
 #include "lora/workspace.hpp"

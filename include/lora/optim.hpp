@@ -1,0 +1,326 @@
+// Optimizers over trainable tensors only (the adapters' A and B, a bias a trainer chooses to
+// train): SGD with momentum / Nesterov / weight decay and AdamW, with PyTorch's update rules
+// (torch.optim.SGD and torch.optim.AdamW), plus clipping by global gradient norm.
+//
+// A ParameterView is a (value, gradient) pair of Eigen::Maps onto storage owned elsewhere (a
+// LoRALinear, a trainer's own matrices). Optimizers keep state only for the views they are given,
+// so a frozen W0 has no optimizer state and is never written. State is allocated when the
+// optimizer is built: step() allocates nothing.
+#pragma once
+
+#include "lora/detail/check.hpp"
+#include "lora/lora_linear.hpp"
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <cstddef>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+namespace lora {
+
+/// One trainable tensor: its value and its gradient dL/dvalue, of the same shape, column-major.
+/// The views point into storage owned elsewhere, which must outlive them and must not be resized
+/// or moved (e.g. a std::vector of layers growing) while they are in use.
+template <typename T>
+struct ParameterView {
+  Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>> value;
+  Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>> grad;  ///< same shape as value
+};
+
+/// A view of a matrix parameter and its gradient; throws std::invalid_argument when the shapes
+/// differ or when both are the same storage.
+template <typename T>
+ParameterView<T> make_parameter(Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>& value,
+                                Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>& grad) {
+  detail::require_shape("lora::make_parameter", "grad", grad, value.rows(), value.cols());
+  detail::require_no_alias("lora::make_parameter", "grad", grad, "value", value);
+  return {{value.data(), value.rows(), value.cols()}, {grad.data(), grad.rows(), grad.cols()}};
+}
+
+/// A view of a vector parameter (a bias, say) as an n x 1 matrix.
+template <typename T>
+ParameterView<T> make_parameter(Eigen::Matrix<T, Eigen::Dynamic, 1>& value,
+                                Eigen::Matrix<T, Eigen::Dynamic, 1>& grad) {
+  detail::require_shape("lora::make_parameter", "grad", grad, value.rows(), value.cols());
+  detail::require_no_alias("lora::make_parameter", "grad", grad, "value", value);
+  return {{value.data(), value.rows(), 1}, {grad.data(), grad.rows(), 1}};
+}
+
+/// The adapter of a layer as two parameters: {A, grad_A} (r x k) and {B, grad_B} (d x r). Throws
+/// std::logic_error while the layer is merged. The frozen weight and bias are not included.
+template <typename T, typename F>
+std::vector<ParameterView<T>> adapter_parameters(LoRALinear<T, F>& layer) {
+  std::vector<ParameterView<T>> params;
+  params.reserve(2);
+  params.push_back(make_parameter(layer.A(), layer.grad_A()));
+  params.push_back(make_parameter(layer.B(), layer.grad_B()));
+  return params;
+}
+
+/// Sets every gradient to zero (a trainer's zero_grad over all its layers at once).
+template <typename T>
+void zero_grad(const std::vector<ParameterView<T>>& params) {
+  for (const auto& p : params) {
+    auto grad = p.grad;  // a copy of the view, writable: the storage is not the vector's
+    grad.setZero();
+  }
+}
+
+/// Number of trainable scalars in params.
+template <typename T>
+Eigen::Index parameter_count(const std::vector<ParameterView<T>>& params) {
+  Eigen::Index n = 0;
+  for (const auto& p : params) n += p.value.size();
+  return n;
+}
+
+/// Scales all gradients together so that their global L2 norm is at most max_norm, as
+/// torch.nn.utils.clip_grad_norm_: with N = sqrt(sum ||g_i||^2), every g_i *= max_norm / (N + 1e-6)
+/// when that factor is below 1. Returns N, the norm before clipping. Throws std::invalid_argument
+/// for a negative or non-finite max_norm, and std::domain_error (gradients left untouched) when N
+/// is not finite: a NaN or infinite gradient must not be scaled into the weights unnoticed.
+template <typename T>
+T clip_grad_norm(const std::vector<ParameterView<T>>& params, T max_norm) {
+  detail::require(std::isfinite(static_cast<double>(max_norm)) && max_norm >= T(0),
+                  "lora::clip_grad_norm: max_norm must be finite and >= 0, got ", max_norm);
+  double sum_sq = 0;  // accumulated in double: a sum of many float squares loses digits
+  for (const auto& p : params) {
+    const double n = static_cast<double>(p.grad.norm());
+    sum_sq += n * n;
+  }
+  const double norm = std::sqrt(sum_sq);
+  if (!std::isfinite(norm)) {
+    throw std::domain_error(
+        detail::concat("lora::clip_grad_norm: the gradient norm is ", norm,
+                       " (a gradient holds NaN or infinity); the gradients were left unscaled"));
+  }
+  const double coef = static_cast<double>(max_norm) / (norm + 1e-6);
+  if (coef < 1.0) {
+    for (const auto& p : params) {
+      auto grad = p.grad;  // a copy of the view, writable
+      grad *= static_cast<T>(coef);
+    }
+  }
+  return static_cast<T>(norm);
+}
+
+namespace detail {
+
+inline void require_finite_option(const char* where, const char* name, double v) {
+  require(std::isfinite(v), where, ": ", name, " must be finite, got ", v);
+}
+
+/// Every view well-formed (grad the shape of value, the two apart) and no tensor given twice: a
+/// repeated parameter would be stepped twice per step().
+template <typename T>
+void validate_parameters(const char* where, const std::vector<ParameterView<T>>& params) {
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const auto& p = params[i];
+    require_shape(where, "a parameter's grad", p.grad, p.value.rows(), p.value.cols());
+    require(!overlaps(p.value, p.grad), where, ": parameter ", i,
+            ": value and grad must not share memory");
+    for (std::size_t j = 0; j < i; ++j) {
+      const auto& q = params[j];
+      require(!overlaps(p.value, q.value) && !overlaps(p.value, q.grad) &&
+                  !overlaps(p.grad, q.value) && !overlaps(p.grad, q.grad),
+              where, ": parameters ", j, " and ", i, " share memory (a tensor given twice?)");
+    }
+  }
+}
+
+}  // namespace detail
+
+/// Options of SGD, with torch.optim.SGD's meaning (dampening is 0).
+struct SGDOptions {
+  double lr = 1e-2;         ///< learning rate, >= 0
+  double momentum = 0;      ///< mu, in [0, 1)
+  double weight_decay = 0;  ///< L2 penalty added to the gradient (coupled), >= 0
+  bool nesterov = false;    ///< Nesterov momentum; needs momentum > 0
+
+  /// Throws std::invalid_argument naming the first bad option.
+  void validate() const {
+    constexpr const char* where = "lora::SGDOptions";
+    detail::require_finite_option(where, "lr", lr);
+    detail::require_finite_option(where, "momentum", momentum);
+    detail::require_finite_option(where, "weight_decay", weight_decay);
+    detail::require(lr >= 0, where, ": lr must be >= 0, got ", lr);
+    detail::require(momentum >= 0 && momentum < 1, where, ": momentum must be in [0, 1), got ",
+                    momentum);
+    detail::require(weight_decay >= 0, where, ": weight_decay must be >= 0, got ", weight_decay);
+    detail::require(!nesterov || momentum > 0, where,
+                    ": nesterov needs momentum > 0, got momentum = ", momentum);
+  }
+};
+
+/// Stochastic gradient descent, torch.optim.SGD (dampening 0, maximize false). Per step, for each
+/// parameter p with gradient g:
+///   g <- g + wd * p
+///   b <- mu * b + g                 (b starts at 0, so the first step stores b = g, as PyTorch)
+///   g <- g + mu * b  if nesterov,  else g <- b            (when mu > 0)
+///   p <- p - lr * g
+/// The gradients themselves are not modified.
+template <typename T>
+class SGD {
+ public:
+  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+
+  explicit SGD(std::vector<ParameterView<T>> params, SGDOptions options = {})
+      : params_(std::move(params)), options_(options) {
+    options_.validate();
+    detail::validate_parameters("lora::SGD", params_);
+    if (options_.momentum > 0) {
+      momentum_.reserve(params_.size());
+      for (const auto& p : params_)
+        momentum_.push_back(Matrix::Zero(p.value.rows(), p.value.cols()));
+    }
+  }
+
+  /// One update of every parameter from its current gradient; allocates nothing.
+  void step() {
+    const T lr = static_cast<T>(options_.lr);
+    const T mu = static_cast<T>(options_.momentum);
+    const T wd = static_cast<T>(options_.weight_decay);
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      auto& p = params_[i].value;
+      const auto& g = params_[i].grad;
+      if (options_.momentum == 0) {
+        p -= lr * (g + wd * p);  // coefficient-wise: reading p while writing it is safe
+        continue;
+      }
+      Matrix& b = momentum_[i];
+      b = mu * b + (g + wd * p);
+      if (options_.nesterov) {
+        p -= lr * ((g + wd * p) + mu * b);
+      } else {
+        p -= lr * b;
+      }
+    }
+    ++steps_;
+  }
+
+  /// Sets the gradient of every parameter to zero.
+  void zero_grad() { lora::zero_grad(params_); }
+
+  /// Changes the learning rate (for a schedule); throws std::invalid_argument unless finite, >= 0.
+  void set_learning_rate(double lr) {
+    SGDOptions o = options_;
+    o.lr = lr;
+    o.validate();
+    options_ = o;
+  }
+  double learning_rate() const { return options_.lr; }
+  const SGDOptions& options() const { return options_; }
+  long long step_count() const { return steps_; }
+  const std::vector<ParameterView<T>>& parameters() const { return params_; }
+  /// The momentum buffer of parameter i (empty when momentum is 0).
+  const Matrix& momentum_buffer(std::size_t i) const {
+    static const Matrix empty;
+    return options_.momentum > 0 ? momentum_.at(i) : empty;
+  }
+
+ private:
+  std::vector<ParameterView<T>> params_;
+  SGDOptions options_;
+  std::vector<Matrix> momentum_;
+  long long steps_ = 0;
+};
+
+/// Options of AdamW, with torch.optim.AdamW's meaning and defaults (amsgrad off).
+struct AdamWOptions {
+  double lr = 1e-3;            ///< learning rate, >= 0
+  double beta1 = 0.9;          ///< first-moment decay, in [0, 1)
+  double beta2 = 0.999;        ///< second-moment decay, in [0, 1)
+  double eps = 1e-8;           ///< added to sqrt(v_hat), >= 0
+  double weight_decay = 1e-2;  ///< decoupled decay, >= 0
+
+  /// Throws std::invalid_argument naming the first bad option.
+  void validate() const {
+    constexpr const char* where = "lora::AdamWOptions";
+    detail::require_finite_option(where, "lr", lr);
+    detail::require_finite_option(where, "beta1", beta1);
+    detail::require_finite_option(where, "beta2", beta2);
+    detail::require_finite_option(where, "eps", eps);
+    detail::require_finite_option(where, "weight_decay", weight_decay);
+    detail::require(lr >= 0, where, ": lr must be >= 0, got ", lr);
+    detail::require(beta1 >= 0 && beta1 < 1, where, ": beta1 must be in [0, 1), got ", beta1);
+    detail::require(beta2 >= 0 && beta2 < 1, where, ": beta2 must be in [0, 1), got ", beta2);
+    detail::require(eps >= 0, where, ": eps must be >= 0, got ", eps);
+    detail::require(weight_decay >= 0, where, ": weight_decay must be >= 0, got ", weight_decay);
+  }
+};
+
+/// Adam with decoupled weight decay (Loshchilov & Hutter, arXiv 1711.05101), torch.optim.AdamW
+/// (amsgrad false). At step t = 1, 2, ..., for each parameter p with gradient g:
+///   p <- p * (1 - lr * wd)
+///   m <- beta1 * m + (1 - beta1) * g          v <- beta2 * v + (1 - beta2) * g^2
+///   p <- p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+/// m and v start at 0. The scalar factors are computed in double, the tensors in T.
+template <typename T>
+class AdamW {
+ public:
+  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+
+  explicit AdamW(std::vector<ParameterView<T>> params, AdamWOptions options = {})
+      : params_(std::move(params)), options_(options) {
+    options_.validate();
+    detail::validate_parameters("lora::AdamW", params_);
+    m_.reserve(params_.size());
+    v_.reserve(params_.size());
+    for (const auto& p : params_) {
+      m_.push_back(Matrix::Zero(p.value.rows(), p.value.cols()));
+      v_.push_back(Matrix::Zero(p.value.rows(), p.value.cols()));
+    }
+  }
+
+  /// One update of every parameter from its current gradient; allocates nothing.
+  void step() {
+    ++steps_;
+    const double t = static_cast<double>(steps_);
+    const double bias1 = 1.0 - std::pow(options_.beta1, t);
+    const double bias2 = 1.0 - std::pow(options_.beta2, t);
+    const T decay = static_cast<T>(1.0 - options_.lr * options_.weight_decay);
+    const T b1 = static_cast<T>(options_.beta1), b2 = static_cast<T>(options_.beta2);
+    const T step_size = static_cast<T>(options_.lr / bias1);
+    const T sqrt_bias2 = static_cast<T>(std::sqrt(bias2));
+    const T eps = static_cast<T>(options_.eps);
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      auto& p = params_[i].value;
+      const auto& g = params_[i].grad;
+      Matrix& m = m_[i];
+      Matrix& v = v_[i];
+      p *= decay;
+      m = b1 * m + (T(1) - b1) * g;
+      v = b2 * v + (T(1) - b2) * g.cwiseAbs2();
+      // As PyTorch: p += -step_size * (m / (sqrt(v) / sqrt(1 - beta2^t) + eps)).
+      p.array() -= step_size * (m.array() / (v.array().sqrt() / sqrt_bias2 + eps));
+    }
+  }
+
+  /// Sets the gradient of every parameter to zero.
+  void zero_grad() { lora::zero_grad(params_); }
+
+  /// Changes the learning rate (for a schedule); throws std::invalid_argument unless finite, >= 0.
+  void set_learning_rate(double lr) {
+    AdamWOptions o = options_;
+    o.lr = lr;
+    o.validate();
+    options_ = o;
+  }
+  double learning_rate() const { return options_.lr; }
+  const AdamWOptions& options() const { return options_; }
+  long long step_count() const { return steps_; }
+  const std::vector<ParameterView<T>>& parameters() const { return params_; }
+  const Matrix& first_moment(std::size_t i) const { return m_.at(i); }   ///< m of parameter i
+  const Matrix& second_moment(std::size_t i) const { return v_.at(i); }  ///< v of parameter i
+
+ private:
+  std::vector<ParameterView<T>> params_;
+  AdamWOptions options_;
+  std::vector<Matrix> m_, v_;
+  long long steps_ = 0;
+};
+
+}  // namespace lora
