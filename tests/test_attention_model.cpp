@@ -141,8 +141,10 @@ TEST(AttentionGradients, FrozenEmbeddingsAndHeadCollectNothing) {
   EXPECT_EQ(m.grad_position_embedding().norm(), 0.0);
   EXPECT_EQ(m.grad_head_weight().norm(), 0.0);
   EXPECT_EQ(m.block(0)[Which::K].dense_grad().norm(), 0.0);
-  // 7 LoRA layers of rank 2 on 8 x 8 weights: 7 * 2 * (8 + 8).
+  // 7 LoRA layers of rank 2 on 8 x 8 weights: 7 * 2 * (8 + 8), as views for an optimizer too.
   EXPECT_EQ(m.trainable_parameter_count(), 7 * 2 * 16);
+  EXPECT_EQ(m.trainable_parameters().size(), 14u);
+  EXPECT_EQ(lora::parameter_count(m.trainable_parameters()), 7 * 2 * 16);
 }
 
 // The forward against a direct per-token computation with explicit loops.

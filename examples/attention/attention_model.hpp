@@ -249,6 +249,29 @@ class AttentionModel {
     return n;
   }
 
+  /// Views of everything that trains now, for an optimizer (lora/optim.hpp). They point into
+  /// this model: don't copy, move or re-adapt the model while an optimizer holds them.
+  std::vector<lora::ParameterView<T>> trainable_parameters() {
+    std::vector<lora::ParameterView<T>> params;
+    if (train_embeddings_) {
+      params.push_back(lora::make_parameter(token_embedding_, grad_token_embedding_));
+      params.push_back(lora::make_parameter(position_embedding_, grad_position_embedding_));
+    }
+    if (train_head_) {
+      params.push_back(lora::make_parameter(head_W_, grad_head_W_));
+      params.push_back(lora::make_parameter(head_b_, grad_head_b_));
+    }
+    for (auto& b : blocks_)
+      for (auto& p : b.proj) {
+        if (p.adapted()) {
+          for (auto& view : lora::adapter_parameters(p.lora())) params.push_back(view);
+        } else if (p.trainable()) {
+          params.push_back(lora::make_parameter(p.dense_weight(), p.dense_grad()));
+        }
+      }
+    return params;
+  }
+
   void zero_grad() {
     grad_token_embedding_.setZero();
     grad_position_embedding_.setZero();
