@@ -10,7 +10,7 @@
 //      against the frozen base and full fine-tuning of every parameter.
 //   3. Print both tables and write them as JSON (attention_tables.json, or --json PATH).
 //
-// Usage: attention_lora [--quick] [--seeds N] [--json PATH]
+// Usage: attention_lora [--quick] [--seeds N] [--threads N] [--json PATH]
 //                       [--pretrain-steps N] [--adapt-steps N] [--lora-lr X] [--full-lr X] [--alpha
 //                       X]
 #include "attention/attention_model.hpp"
@@ -20,14 +20,19 @@
 #include <lora/lora.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -40,7 +45,8 @@ using Model = AttentionModel<float>;
 
 struct Settings {
   bool quick = false;
-  int seeds = 3;
+  int seeds = 5;
+  int threads = 2;
   std::string json_path = "attention_tables.json";
   attention::TaskSpec task;
   attention::ModelConfig model;
@@ -56,22 +62,23 @@ Settings parse(int argc, char** argv) {
     const std::string a = argv[i];
     if (a == "--quick") {
       s.quick = true;
-    } else if (a == "--seeds" && i + 1 < argc) {
-      s.seeds = std::atoi(argv[++i]);
+    } else if (a == "--threads" && i + 1 < argc) {
+      s.threads = std::atoi(argv[++i]);
     } else if (a == "--json" && i + 1 < argc) {
       s.json_path = argv[++i];
-    } else if ((a == "--pretrain-steps" || a == "--adapt-steps" || a == "--lora-lr" ||
-                a == "--full-lr" || a == "--alpha") &&
+    } else if ((a == "--seeds" || a == "--pretrain-steps" || a == "--adapt-steps" ||
+                a == "--lora-lr" || a == "--full-lr" || a == "--alpha") &&
                i + 1 < argc) {
       overrides.emplace_back(a, argv[++i]);
     } else {
-      throw std::invalid_argument("unknown argument '" + a +
-                                  "'; usage: attention_lora [--quick] [--seeds N] [--json PATH] "
-                                  "[--pretrain-steps N] [--adapt-steps N] [--lora-lr X] "
-                                  "[--full-lr X] [--alpha X]");
+      throw std::invalid_argument(
+          "unknown argument '" + a +
+          "'; usage: attention_lora [--quick] [--seeds N] [--threads N] [--json PATH] "
+          "[--pretrain-steps N] [--adapt-steps N] [--lora-lr X] "
+          "[--full-lr X] [--alpha X]");
     }
   }
-  if (s.seeds < 1) throw std::invalid_argument("--seeds must be at least 1");
+  if (s.threads < 1) throw std::invalid_argument("--threads must be at least 1");
   s.model.vocab = s.task.vocab();
   s.model.seq_len = s.task.seq_len();
   s.model.d_model = 64;  // >= 64 so that rank 64 fits every 64 x 64 projection
@@ -87,7 +94,7 @@ Settings parse(int argc, char** argv) {
   s.full.adamw.lr = 1e-3;
   s.full.adamw.weight_decay = 1e-2;
   s.lora.steps = 600;
-  s.lora.adamw.lr = 3e-3;
+  s.lora.adamw.lr = 1e-2;
   s.lora.adamw.weight_decay = 0;
   if (s.quick) {
     s.seeds = 1;
@@ -98,12 +105,14 @@ Settings parse(int argc, char** argv) {
     s.full.steps = s.lora.steps = 150;
   }
   for (const auto& [flag, value] : overrides) {
+    if (flag == "--seeds") s.seeds = std::stoi(value);
     if (flag == "--pretrain-steps") s.pretrain.steps = std::stoi(value);
     if (flag == "--adapt-steps") s.full.steps = s.lora.steps = std::stoi(value);
     if (flag == "--lora-lr") s.lora.adamw.lr = std::stod(value);
     if (flag == "--full-lr") s.full.adamw.lr = std::stod(value);
     if (flag == "--alpha") s.lora_alpha = std::stod(value);
   }
+  if (s.seeds < 1) throw std::invalid_argument("--seeds must be at least 1");
   return s;
 }
 
@@ -135,6 +144,40 @@ struct Result {
   }
 };
 
+/// Calls f(0) .. f(n - 1) on `threads` threads (the calling one included); rethrows the first
+/// exception once all have stopped.
+template <typename F>
+void parallel_for(std::size_t n, int threads, F f) {
+  std::atomic<std::size_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto work = [&] {
+    for (std::size_t i = next++; i < n; i = next++) {
+      try {
+        f(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+        next = n;  // stop handing out work
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+}
+
+struct Downstream {
+  Downstream(std::string n, std::string d, int s)
+      : name(std::move(n)), description(std::move(d)), shift(s) {}
+  std::string name, description;
+  int shift = 0;  // label of b_j = (j + shift) mod K
+  Result frozen, full;
+  std::map<std::string, Result> lora;  // by Config::key()
+};
+
 nlohmann::json row(const std::string& name, const Config* c, const Result& r) {
   nlohmann::json j;
   j["name"] = name;
@@ -151,9 +194,16 @@ nlohmann::json row(const std::string& name, const Config* c, const Result& r) {
 }
 
 void print_row(const std::string& name, int rank, const Result& r) {
-  std::printf("  %-22s %5s %12lld   %6.1f %%  (+- %4.1f)\n", name.c_str(),
+  std::printf("  %-18s %4s %9lld   %5.1f %%  (+- %4.1f)   ", name.c_str(),
               rank ? std::to_string(rank).c_str() : "-", r.trainable, 100 * r.mean(),
               100 * r.stddev());
+  for (double a : r.accuracy) std::printf(" %5.1f", 100 * a);
+  std::printf("\n");
+}
+
+void print_header() {
+  std::printf("  %-18s %4s %9s   %-20s    %s\n", "adapted", "rank", "trainable",
+              "accuracy (mean, sd)", "per seed");
 }
 
 }  // namespace
@@ -174,60 +224,81 @@ int main(int argc, char** argv) try {
       S.model.d_model, S.model.heads, S.model.layers, S.model.seq_len, S.quick ? "quick" : "full",
       S.seeds);
 
+  // Two downstream tasks on the same inputs (attention/sequence_tasks.hpp): the reversed
+  // priority alone, and the reversed priority with relabelled classes (label of b_j = j + 1 mod K).
+  std::vector<Downstream> tasks{
+      {"beta_first",
+       "label = index of the beta token (both tokens present); needs a new attention pattern", 0},
+      {"beta_first_shifted",
+       "label = (index of the beta token + 1) mod K; needs a new attention pattern and a "
+       "relabelling of the values read",
+       1}};
+  std::vector<Config> configs = budget;  // every configuration, each once
+  for (const Config& c : ranks)
+    if (std::none_of(configs.begin(), configs.end(),
+                     [&](const Config& b) { return b.key() == c.key(); }))
+      configs.push_back(c);
   std::vector<double> upstream_acc;
-  Result frozen, full;
-  std::map<std::string, Result> lora_results;
   for (int seed = 0; seed < S.seeds; ++seed) {
     lora::Rng data_rng(1000 + seed);
     const Batch up_train =
         attention::make_task(attention::Rule::AlphaFirst, 0.5, S.upstream_train, S.task, data_rng);
     const Batch up_test =
         attention::make_task(attention::Rule::AlphaFirst, 0.5, S.test_size, S.task, data_rng);
-    const Batch down_train =
-        attention::make_task(attention::Rule::BetaFirst, 1.0, S.downstream_train, S.task, data_rng);
-    const Batch down_test =
-        attention::make_task(attention::Rule::BetaFirst, 1.0, S.test_size, S.task, data_rng);
-
     lora::Rng init_rng(2000 + seed);
     Model base(S.model, init_rng);
     attention::TrainOptions pre = S.pretrain;
     pre.seed = 3000 + seed;
     const double pre_loss = attention::train(base, up_train, pre);
     upstream_acc.push_back(base.accuracy(up_test));
-    frozen.accuracy.push_back(base.accuracy(down_test));
-    std::printf(
-        "seed %d: pretrained (loss %.3f), upstream test accuracy %.1f %%, frozen base "
-        "downstream %.1f %%\n",
-        seed, pre_loss, 100 * upstream_acc.back(), 100 * frozen.accuracy.back());
+    std::printf("seed %d: pretrained (final loss %.4f), upstream test accuracy %.1f %%\n", seed,
+                pre_loss, 100 * upstream_acc.back());
 
-    {
-      Model m = base;  // full fine-tuning: every parameter trains
-      attention::TrainOptions o = S.full;
-      o.seed = 4000 + seed;
-      attention::train(m, down_train, o);
-      full.trainable = m.trainable_parameter_count();
-      full.accuracy.push_back(m.accuracy(down_test));
+    // Every (task, configuration) is an independent job: a copy of the base, trained and tested
+    // on its own, so the results do not depend on the number of threads.
+    std::vector<Batch> trains, tests;
+    for (Downstream& task : tasks) {
+      trains.push_back(attention::make_task(attention::Rule::BetaFirst, 1.0, S.downstream_train,
+                                            S.task, data_rng, task.shift));
+      tests.push_back(attention::make_task(attention::Rule::BetaFirst, 1.0, S.test_size, S.task,
+                                           data_rng, task.shift));
+      task.frozen.accuracy.push_back(base.accuracy(tests.back()));
     }
-    std::vector<Config> configs = budget;
-    configs.insert(configs.end(), ranks.begin(), ranks.end());
-    for (const Config& c : configs) {
-      Result& r = lora_results[c.key()];
-      if (static_cast<int>(r.accuracy.size()) > seed) continue;  // shared by both tables
+    struct Job {
+      std::size_t task;
+      const Config* config;  // nullptr: full fine-tuning
+      Result* result;
+    };
+    std::vector<Job> jobs;
+    for (std::size_t t = 0; t < tasks.size(); ++t) {
+      jobs.push_back({t, nullptr, &tasks[t].full});
+      for (const Config& c : configs) {
+        Result& r = tasks[t].lora[c.key()];  // created here, before any thread starts
+        if (r.accuracy.size() == static_cast<std::size_t>(seed)) {  // once: in both tables
+          r.accuracy.push_back(0);
+          jobs.push_back({t, &c, &r});
+        }
+      }
+    }
+    parallel_for(jobs.size(), S.threads, [&](std::size_t i) {
+      const Job& job = jobs[i];
       Model m = base;
-      lora::LoRAConfig lc;
-      lc.rank = c.rank;
-      lc.alpha = S.lora_alpha;
-      lc.init = lora::Init::KaimingUniform;
-      lc.seed = 5000 + 100 * seed;
-      m.adapt(c.which, lc);
-      attention::TrainOptions o = S.lora;
-      o.seed = 6000 + seed;
-      attention::train(m, down_train, o);
-      r.trainable = m.trainable_parameter_count();
-      r.accuracy.push_back(m.accuracy(down_test));
-    }
+      attention::TrainOptions o = job.config ? S.lora : S.full;
+      o.seed = (job.config ? 6000 : 4000) + seed;
+      if (job.config) {  // else full fine-tuning: every parameter trains
+        lora::LoRAConfig lc;
+        lc.rank = job.config->rank;
+        lc.alpha = S.lora_alpha;
+        lc.init = lora::Init::KaimingUniform;
+        lc.seed = 5000 + 100 * seed;
+        m.adapt(job.config->which, lc);
+      }
+      attention::train(m, trains[job.task], o);
+      job.result->trainable = m.trainable_parameter_count();
+      job.result->accuracy.resize(seed + 1);
+      job.result->accuracy[seed] = m.accuracy(tests[job.task]);
+    });
   }
-  frozen.trainable = 0;
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
@@ -235,18 +306,20 @@ int main(int argc, char** argv) try {
   for (double a : upstream_acc) up_mean += a / upstream_acc.size();
   std::printf("\nUpstream (alpha first) test accuracy of the pretrained base: %.1f %%\n",
               100 * up_mean);
-  std::printf(
-      "Downstream (beta first, both tokens present) test accuracy, mean over %d seed(s) (+- sd); "
-      "chance is %.1f %%\n",
-      S.seeds, 100.0 / S.task.classes);
-  std::printf("\nTable 1: a fixed budget of trainable parameters\n");
-  std::printf("  %-22s %5s %12s   %s\n", "adapted", "rank", "trainable", "accuracy");
-  print_row("frozen base", 0, frozen);
-  for (const Config& c : budget) print_row(c.label(), c.rank, lora_results[c.key()]);
-  print_row("full fine-tuning", 0, full);
-  std::printf("\nTable 2: the rank r\n");
-  std::printf("  %-22s %5s %12s   %s\n", "adapted", "rank", "trainable", "accuracy");
-  for (const Config& c : ranks) print_row(c.label(), c.rank, lora_results[c.key()]);
+  for (Downstream& task : tasks) {
+    std::printf(
+        "\n== Downstream task %s: %s.\nTest accuracy, mean over %d seed(s) (+- sd); chance is "
+        "%.1f %%\n",
+        task.name.c_str(), task.description.c_str(), S.seeds, 100.0 / S.task.classes);
+    std::printf("\nTable 1: a fixed budget of trainable parameters\n");
+    print_header();
+    print_row("frozen base", 0, task.frozen);
+    for (const Config& c : budget) print_row(c.label(), c.rank, task.lora[c.key()]);
+    print_row("full fine-tuning", 0, task.full);
+    std::printf("\nTable 2: the rank r\n");
+    print_header();
+    for (const Config& c : ranks) print_row(c.label(), c.rank, task.lora[c.key()]);
+  }
   std::printf("\n%.1f s in all\n", seconds);
 
   nlohmann::json j;
@@ -269,12 +342,18 @@ int main(int argc, char** argv) try {
                    {"seconds", seconds}};
   j["upstream_accuracy"] = up_mean;
   j["chance"] = 1.0 / S.task.classes;
-  j["frozen_base"] = row("frozen base", nullptr, frozen);
-  j["full_fine_tuning"] = row("full fine-tuning", nullptr, full);
-  for (const Config& c : budget)
-    j["table_budget"].push_back(row(c.label(), &c, lora_results[c.key()]));
-  for (const Config& c : ranks)
-    j["table_rank"].push_back(row(c.label(), &c, lora_results[c.key()]));
+  for (Downstream& task : tasks) {
+    nlohmann::json t;
+    t["name"] = task.name;
+    t["description"] = task.description;
+    t["label_shift"] = task.shift;
+    t["frozen_base"] = row("frozen base", nullptr, task.frozen);
+    t["full_fine_tuning"] = row("full fine-tuning", nullptr, task.full);
+    for (const Config& c : budget)
+      t["table_budget"].push_back(row(c.label(), &c, task.lora[c.key()]));
+    for (const Config& c : ranks) t["table_rank"].push_back(row(c.label(), &c, task.lora[c.key()]));
+    j["downstream"].push_back(t);
+  }
   // Write to a temporary file and rename, so that a failed run never leaves half a file.
   const std::string tmp = S.json_path + ".tmp";
   {

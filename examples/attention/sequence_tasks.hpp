@@ -14,6 +14,11 @@
 // it is at chance (1/K: the two labels are independent) downstream; adapting means attending to
 // the beta token instead (a change of the attention pattern: W_q or W_k), or suppressing what the
 // alpha token contributes to the values read (W_v or W_o).
+//
+// A second downstream task, `shift` > 0, also relabels: the label of b_j becomes (j + shift) mod K.
+// Besides the new attention pattern, the identities read must now map to other classes: a
+// permutation, which the frozen head can only be given through W_v or W_o, and whose update has a
+// rank of about K - 1 (no low-rank shortcut).
 #pragma once
 
 #include "attention/attention_model.hpp"
@@ -47,11 +52,15 @@ inline int uniform_int(lora::Rng& rng, int n) {
 }
 
 /// n sequences labelled by `rule`; each holds both marked tokens with probability p_both, else
-/// one of them (alpha or beta with equal probability). Drawn from rng.
-inline Batch make_task(Rule rule, double p_both, int n, const TaskSpec& spec, lora::Rng& rng) {
-  if (spec.classes < 2 || spec.fillers < 1 || spec.positions < 2 || !(p_both >= 0 && p_both <= 1))
+/// one of them (alpha or beta with equal probability). Every label is shifted by `shift` (mod K).
+/// Drawn from rng.
+inline Batch make_task(Rule rule, double p_both, int n, const TaskSpec& spec, lora::Rng& rng,
+                       int shift = 0) {
+  if (spec.classes < 2 || spec.fillers < 1 || spec.positions < 2 || !(p_both >= 0 && p_both <= 1) ||
+      shift < 0)
     throw std::invalid_argument(
-        "attention::make_task: need classes >= 2, fillers >= 1, positions >= 2, p_both in [0, 1]");
+        "attention::make_task: need classes >= 2, fillers >= 1, positions >= 2, p_both in [0, 1], "
+        "shift >= 0");
   Batch batch;
   const int L = spec.seq_len();
   batch.tokens.reserve(static_cast<std::size_t>(n) * L);
@@ -72,7 +81,7 @@ inline Batch make_task(Rule rule, double p_both, int n, const TaskSpec& spec, lo
                                                    : filler);
     }
     const bool alpha_wins = rule == Rule::AlphaFirst ? has_alpha : !has_beta;
-    batch.labels.push_back(alpha_wins ? a : b);
+    batch.labels.push_back(((alpha_wins ? a : b) + shift) % spec.classes);
   }
   return batch;
 }
