@@ -94,7 +94,7 @@ Settings parse(int argc, char** argv) {
   s.full.adamw.lr = 1e-3;
   s.full.adamw.weight_decay = 1e-2;
   s.lora.steps = 600;
-  s.lora.adamw.lr = 1e-2;
+  s.lora.adamw.lr = 3e-3;
   s.lora.adamw.weight_decay = 0;
   if (s.quick) {
     s.seeds = 1;

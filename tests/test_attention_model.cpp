@@ -41,23 +41,6 @@ Batch random_batch(const ModelConfig& c, int n, lora::Rng& rng) {
   return b;
 }
 
-// Central differences of f with respect to every coefficient of p (matrix or vector).
-template <typename M, typename F>
-Matrix numeric(M& p, F f, double h = 1e-6) {
-  Matrix g(p.rows(), p.cols());
-  for (Eigen::Index j = 0; j < p.cols(); ++j)
-    for (Eigen::Index i = 0; i < p.rows(); ++i) {
-      const double saved = p(i, j);
-      p(i, j) = saved + h;
-      const double up = f();
-      p(i, j) = saved - h;
-      const double down = f();
-      p(i, j) = saved;
-      g(i, j) = (up - down) / (2 * h);
-    }
-  return g;
-}
-
 // Model with every kind of projection: block 0 has LoRA on Wq, Wv, Wo and a dense trainable Wk;
 // block 1 has LoRA on all four. B is set to random values so that dA is not trivially zero.
 AttentionModel<double> mixed_model(const ModelConfig& c, lora::Rng& rng) {
@@ -93,10 +76,10 @@ TEST_P(AttentionGradients, EveryGradientMatchesFiniteDifferences) {
   const Matrix gH = m.grad_head_weight();
   const Vector gb = m.grad_head_bias();
   const double tol = 1e-6;
-  EXPECT_MATRIX_NEAR(gE, numeric(m.token_embedding(), f), tol);
-  EXPECT_MATRIX_NEAR(gP, numeric(m.position_embedding(), f), tol);
-  EXPECT_MATRIX_NEAR(gH, numeric(m.head_weight(), f), tol);
-  EXPECT_MATRIX_NEAR(Matrix(gb), numeric(m.head_bias(), f), tol);
+  EXPECT_MATRIX_NEAR(gE, lora::test::numeric_gradient(m.token_embedding(), f), tol);
+  EXPECT_MATRIX_NEAR(gP, lora::test::numeric_gradient(m.position_embedding(), f), tol);
+  EXPECT_MATRIX_NEAR(gH, lora::test::numeric_gradient(m.head_weight(), f), tol);
+  EXPECT_MATRIX_NEAR(Matrix(gb), lora::test::numeric_gradient(m.head_bias(), f), tol);
   for (int l = 0; l < c.layers; ++l)
     for (Which w : {Which::Q, Which::K, Which::V, Which::O}) {
       SCOPED_TRACE(::testing::Message() << "block " << l << " " << attention::name(w));
@@ -105,12 +88,12 @@ TEST_P(AttentionGradients, EveryGradientMatchesFiniteDifferences) {
         const Matrix gA = p.lora().grad_A(), gB = p.lora().grad_B();
         EXPECT_GT(gA.norm(), 0.0);
         EXPECT_GT(gB.norm(), 0.0);
-        EXPECT_MATRIX_NEAR(gA, numeric(p.lora().A(), f), tol);
-        EXPECT_MATRIX_NEAR(gB, numeric(p.lora().B(), f), tol);
+        EXPECT_MATRIX_NEAR(gA, lora::test::numeric_gradient(p.lora().A(), f), tol);
+        EXPECT_MATRIX_NEAR(gB, lora::test::numeric_gradient(p.lora().B(), f), tol);
       } else {
         const Matrix gW = p.dense_grad();
         EXPECT_GT(gW.norm(), 0.0);
-        EXPECT_MATRIX_NEAR(gW, numeric(p.dense_weight(), f), tol);
+        EXPECT_MATRIX_NEAR(gW, lora::test::numeric_gradient(p.dense_weight(), f), tol);
       }
     }
 }
