@@ -50,8 +50,9 @@ template <typename A, typename B>
 
 /// Central finite-difference gradient of a scalar function f with respect to every element of p
 /// (p is perturbed in place and restored): d f / d p_ij ~ (f(p + h e_ij) - f(p - h e_ij)) / 2h.
-template <typename F>
-Eigen::MatrixXd numeric_gradient(Eigen::MatrixXd& p, F f, double h = 1e-6) {
+/// p is any double matrix or vector (an Eigen::MatrixXd, a bias Eigen::VectorXd).
+template <typename Param, typename F>
+Eigen::MatrixXd numeric_gradient(Param& p, F f, double h = 1e-6) {
   Eigen::MatrixXd g(p.rows(), p.cols());
   for (Eigen::Index j = 0; j < p.cols(); ++j)
     for (Eigen::Index i = 0; i < p.rows(); ++i) {
