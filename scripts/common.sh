@@ -3,7 +3,7 @@
 
 # Debian packages the build needs; libdnnl-dev is optional (a faster frozen product when present).
 LORA_APT_PACKAGES=(g++ cmake ninja-build pkg-config libeigen3-dev nlohmann-json3-dev libgtest-dev
-  libbenchmark-dev)
+  libbenchmark-dev zlib1g-dev)
 LORA_APT_OPTIONAL=(libdnnl-dev)
 
 lora_missing_packages() {
