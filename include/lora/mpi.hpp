@@ -131,6 +131,13 @@ class DataParallel {
         [](ParameterView<T> & p) -> auto& { return p.value; }, T(1));
   }
 
+  /// Σ over ranks of `value` (an MPI_Allreduce of one double): for metrics such as the loss.
+  double sum_over_ranks(double value) {
+    double total = 0;
+    detail::check(MPI_Allreduce(&value, &total, 1, MPI_DOUBLE, MPI_SUM, comm_), "MPI_Allreduce");
+    return total;
+  }
+
   /// True when every rank holds bit-identical parameter values (a fingerprint compared with
   /// MIN/MAX allreduces): a cheap check that ranks have not drifted apart.
   bool parameters_in_sync() {

@@ -112,6 +112,21 @@ TEST(MpiDataParallel, GradientsAreAveragedExactly) {
   EXPECT_TRUE((layer.grad_B().array() == 2.0f).all());
 }
 
+TEST(MpiDataParallel, SumOverRanksAddsEveryRanksValue) {
+  const Problem p;
+  lora::LoRALinear<float> layer(p.W0, config(3));
+  lora::mpi::DataParallel<float> dp(MPI_COMM_WORLD, lora::adapter_parameters(layer));
+  EXPECT_EQ(dp.sum_over_ranks(0.25 + world_rank()), 0.25 + 1.25);  // 0.25 + 1.25 on 2 ranks
+}
+
+TEST(MpiDataParallel, BadRootIsRejected) {
+  const Problem p;
+  lora::LoRALinear<float> layer(p.W0, config(3));
+  lora::mpi::DataParallel<float> dp(MPI_COMM_WORLD, lora::adapter_parameters(layer));
+  EXPECT_THROW(dp.broadcast_parameters(2), std::invalid_argument);
+  EXPECT_THROW(dp.broadcast_parameters(-1), std::invalid_argument);
+}
+
 TEST(MpiDataParallel, MismatchedLayoutFailsOnEveryRankWithoutHanging) {
   const Problem p;
   // Rank 1 builds its layer with another rank: its adapter shapes differ.
