@@ -8,3 +8,7 @@
 #include "lora/random.hpp"
 #include "lora/version.hpp"
 #include "lora/workspace.hpp"
+// Adapter files (issue 3): safetensors writing and PEFT adapter directories.
+#include "lora/io/safetensors_writer.hpp"
+#include "lora/peft/adapter_config.hpp"
+#include "lora/peft/adapter_io.hpp"
