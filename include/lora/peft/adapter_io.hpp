@@ -18,6 +18,7 @@
 #include "lora/io/safetensors.hpp"
 #include "lora/io/safetensors_writer.hpp"
 #include "lora/lora_linear.hpp"
+#include "lora/multi_lora_linear.hpp"
 #include "lora/peft/adapter_config.hpp"
 
 #include <Eigen/Core>
@@ -202,6 +203,22 @@ AdapterConfig load_adapter(const std::string& dir,
     lora::detail::require_state(!layer->is_merged(), "load_adapter: the layer of \"", path,
                                 "\" is merged; unmerge it first");
   for (auto& [path, adapter] : file.modules) layers.at(path)->set_adapter(std::move(adapter));
+  return file.config;
+}
+
+/// Loads a PEFT adapter directory into MultiLoRALinear layers as the adapter named `name` (the
+/// other adapters and the active one are unchanged). All-or-nothing as above; a layer that already
+/// has an adapter `name` throws std::invalid_argument before anything is added.
+template <typename T, typename F>
+AdapterConfig load_adapter(const std::string& dir,
+                           const std::map<std::string, MultiLoRALinear<T, F>*>& layers,
+                           const std::string& name) {
+  AdapterFile<T> file = read_adapter<T>(dir);
+  detail::match_modules(file, layers, dir);
+  for (const auto& [path, layer] : layers)
+    lora::detail::require(!layer->has_adapter(name), "load_adapter: the layer of \"", path,
+                          "\" already has an adapter named \"", name, "\"");
+  for (auto& [path, adapter] : file.modules) layers.at(path)->add_adapter(name, std::move(adapter));
   return file.config;
 }
 
@@ -390,6 +407,31 @@ AdapterConfig save_adapter(const std::string& dir,
                            const SaveOptions& options = {}) {
   return save_adapter<T, F>(
       dir, std::map<std::string, const LoRALinear<T, F>*>(layers.begin(), layers.end()), options);
+}
+
+/// Saves adapter `name` of MultiLoRALinear layers (module path -> layer) as a PEFT adapter
+/// directory; see write_adapter.
+template <typename T, typename F>
+AdapterConfig save_adapter(const std::string& dir,
+                           const std::map<std::string, const MultiLoRALinear<T, F>*>& layers,
+                           const std::string& name, const SaveOptions& options = {}) {
+  std::map<std::string, const LoRAAdapter<T>*> adapters;
+  for (const auto& [path, layer] : layers) {
+    if (layer == nullptr)
+      throw std::invalid_argument("save_adapter: the layer given for \"" + path + "\" is null");
+    adapters.emplace(path, &layer->adapter(name));
+  }
+  return write_adapter<T>(dir, adapters, options);
+}
+
+/// As above for a map of non-const layer pointers.
+template <typename T, typename F>
+AdapterConfig save_adapter(const std::string& dir,
+                           const std::map<std::string, MultiLoRALinear<T, F>*>& layers,
+                           const std::string& name, const SaveOptions& options = {}) {
+  return save_adapter<T, F>(
+      dir, std::map<std::string, const MultiLoRALinear<T, F>*>(layers.begin(), layers.end()), name,
+      options);
 }
 
 }  // namespace lora::peft
