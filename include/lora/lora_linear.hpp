@@ -56,6 +56,17 @@ class LoRALinear {
                     bias_.size());
   }
 
+  /// Wraps a frozen storage built by the caller, e.g.
+  /// `Bf16FrozenWeight(W0, MergeMode::InPlace, Bf16Backend::Portable)`; bias: length d or empty.
+  LoRALinear(Frozen frozen, Vector bias, const LoRAConfig& config)
+      : frozen_(std::move(frozen)),
+        bias_(std::move(bias)),
+        adapter_(frozen_.out_features(), frozen_.in_features(), config) {
+    detail::require(bias_.size() == 0 || bias_.size() == out_features(),
+                    "LoRALinear: bias must have length ", out_features(), " (out_features), got ",
+                    bias_.size());
+  }
+
   Index in_features() const { return frozen_.in_features(); }    ///< k
   Index out_features() const { return frozen_.out_features(); }  ///< d
   Index rank() const { return adapter_.rank(); }                 ///< r
@@ -108,9 +119,17 @@ class LoRALinear {
     detail::require_rows("LoRALinear::forward", "X", X, in_features(), "in_features");
     detail::require_shape("LoRALinear::forward", "H", H, out_features(), X.cols());
     detail::require_no_alias("LoRALinear::forward", "H", H, "X", X);
-    frozen_.multiply(X, H);  // (d x k)(k x n): the cost of the layer
-    if (has_bias()) H.colwise() += bias_;
-    if (!frozen_.is_merged()) adapter_.add_forward(X, H, ws.get(0, rank(), X.cols()));
+    // H starts as the adapter's term and the bias, written in the one pass over H that the dense
+    // product would spend zeroing it; the frozen product then accumulates on top.
+    if (!frozen_.is_merged()) {
+      adapter_.assign_forward(X, H, ws.get(0, rank(), X.cols()), bias_);
+    } else if (has_bias()) {
+      H.colwise() = bias_;
+    } else {
+      frozen_.multiply(X, H);  // (d x k)(k x n): exactly a dense layer
+      return;
+    }
+    frozen_.multiply_add(X, H);  // (d x k)(k x n): the cost of the layer
   }
 
   // ---- backward ------------------------------------------------------------------------------
@@ -134,8 +153,8 @@ class LoRALinear {
     detail::require_no_alias("LoRALinear::backward", "dX", dX, "G", G);
     auto BtG = ws.get(1, rank(), X.cols());
     adapter_.accumulate_gradients(X, G, ws.get(0, rank(), X.cols()), BtG);
-    frozen_.multiply_transposed(G, dX);    // (k x d)(d x n)
-    adapter_.add_input_gradient(BtG, dX);  // (k x r)(r x n)
+    adapter_.assign_input_gradient(BtG, dX);  // dX = s A^T (B^T G): (k x r)(r x n)
+    frozen_.multiply_transposed_add(G, dX);   // dX += W0^T G: (k x d)(d x n)
   }
 
   /// Accumulates grad_A and grad_B only, for a first layer whose input needs no gradient:
