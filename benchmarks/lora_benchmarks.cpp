@@ -25,6 +25,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -125,6 +126,19 @@ void dense_forward(benchmark::State& state) {
   report_flops(state, f.shape);
 }
 
+/// Eigen's own `H = W0 * X` (its OpenMP threading, its per-call packing buffers): the product a
+/// plain Eigen dense layer runs, for comparison with the library's allocation-free one.
+void dense_forward_eigen(benchmark::State& state) {
+  auto& f = Fixture<lora::DenseFrozenWeight<float>>::get(shape_of(state));
+  const Matrix& W = f.layer.frozen().weight();
+  timed_loop(state, [&] {
+    f.H.noalias() = W * f.X;
+    benchmark::DoNotOptimize(f.H.data());
+    benchmark::ClobberMemory();
+  });
+  report_flops(state, f.shape);
+}
+
 /// H = W0 X + s B (A X), unmerged.
 template <typename Frozen>
 void lora_forward(benchmark::State& state) {
@@ -183,6 +197,12 @@ void report_weight_bytes(benchmark::State& state, const Shape& s, std::size_t el
                           static_cast<std::int64_t>(element_bytes));
 }
 
+/// Bytes per element of a storage's weight (merge reads and writes the weight once).
+template <typename Frozen>
+constexpr std::size_t storage_bytes() {
+  return std::is_same_v<Frozen, lora::Bf16FrozenWeight> ? 2 : sizeof(float);
+}
+
 template <typename Frozen>
 void merge(benchmark::State& state) {
   auto& f = Fixture<Frozen>::get(shape_of(state));
@@ -192,7 +212,7 @@ void merge(benchmark::State& state) {
     f.layer.unmerge();
     state.ResumeTiming();
   });
-  report_weight_bytes(state, f.shape, sizeof(float));
+  report_weight_bytes(state, f.shape, storage_bytes<Frozen>());
 }
 
 template <typename Frozen>
@@ -204,7 +224,7 @@ void unmerge(benchmark::State& state) {
     state.ResumeTiming();
     f.layer.unmerge();
   });
-  report_weight_bytes(state, f.shape, sizeof(float));
+  report_weight_bytes(state, f.shape, storage_bytes<Frozen>());
 }
 
 /// dst = src for a d x k float weight: the memory-bound yardstick for merge and unmerge.
@@ -257,6 +277,7 @@ void add_families(const std::string& suffix, bool with_merge) {
 int main(int argc, char** argv) {
   add_families<lora::DenseFrozenWeight<float>>("", true);
   add("BM_WeightCopy", weight_copy);
+  add("BM_DenseForwardEigen", dense_forward_eigen);
 #if defined(LORA_WITH_ONEDNN)
   add_families<lora::onednn::OneDnnFrozenWeight>("OneDnn", false);
 #endif

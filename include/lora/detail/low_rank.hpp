@@ -7,6 +7,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace lora::detail {
 
@@ -45,25 +46,45 @@ void add_low_rank(Eigen::MatrixBase<Dst>& dst, const Eigen::MatrixBase<Src>& src
   }
 }
 
+template <typename M>
+struct is_transpose : std::false_type {};
+template <typename M>
+struct is_transpose<Eigen::Transpose<M>> : std::true_type {};
+
 /// dst = s * L * R, plus `bias` added to every column when it is not empty, in one pass over dst:
 /// the pass that a dense product `dst = W * X` would spend zeroing dst before accumulating, so a
 /// caller that follows with `dst += W * X` pays nothing for the low-rank term's memory traffic.
-/// Each column panel of dst is written while in cache (Eigen's own `dst = L * R` zeroes dst first,
-/// then reads and writes it again).
-///   dst: m x n    L: m x r    R: r x n    bias: m or empty
+/// Each column panel of dst is written while in cache (Eigen's own `dst = L * R` zeroes all of
+/// dst first, then reads and writes it again); with OpenMP the panels are shared among threads.
+///   dst: m x n    L: m x r (a matrix, or the transpose of one)    R: r x n    bias: m or empty
 template <typename Dst, typename LType, typename RType, typename Bias>
 void assign_low_rank(Eigen::MatrixBase<Dst>& dst, typename Dst::Scalar s,
                      const Eigen::MatrixBase<LType>& L, const Eigen::MatrixBase<RType>& R,
                      const Eigen::MatrixBase<Bias>& bias) {
   using Index = Eigen::Index;
   const Index panel = panel_columns(dst.rows(), Index(sizeof(typename Dst::Scalar)), 4);
-  for (Index j = 0; j < dst.cols(); j += panel) {
+  const Index panels = (dst.cols() + panel - 1) / panel;
+  const double work = double(dst.rows()) * double(dst.cols()) * double(L.cols() + 1);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) \
+    num_threads(Eigen::nbThreads()) if (panels > 1 && work > 1e6 && !omp_in_parallel())
+#endif
+  for (Index p = 0; p < panels; ++p) {
+    const Index j = p * panel;
     const Index w = std::min(panel, dst.cols() - j);
     auto dst_panel = dst.middleCols(j, w);
-    // s applied to the result: (s * L).lazyProduct would evaluate s * L into a temporary.
-    dst_panel.noalias() = s * L.lazyProduct(R.middleCols(j, w));  // (m x r)(r x w)
+    if constexpr (is_transpose<LType>::value) {
+      // A transposed (row-major) L does not vectorise as a coefficient-wise product: use the
+      // GEMM kernel on the panel, which is in cache after the zeroing.
+      dst_panel.setZero();
+      gemm_add(dst_panel, L.derived(), R.derived().middleCols(j, w), s);  // (m x r)(r x w)
+    } else {
+      // s applied to the result: (s * L).lazyProduct would evaluate s * L into a temporary.
+      dst_panel.noalias() = s * L.derived().lazyProduct(R.derived().middleCols(j, w));
+    }
     if (bias.size() != 0) dst_panel.colwise() += bias;
   }
+  (void)work;
 }
 
 }  // namespace lora::detail
