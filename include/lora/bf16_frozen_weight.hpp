@@ -162,17 +162,14 @@ class Bf16FrozenWeight {
     merged_.resize(d, k);
     const Index panel = std::min<Index>(k, detail::panel_columns(d, 4, 8));
     const Index panels = (k + panel - 1) / panel;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(Eigen::nbThreads()) if (panels > 1)
-#endif
-    for (Index p = 0; p < panels; ++p) {  // independent column panels, each in cache
+    detail::parallel_for(panels, Eigen::nbThreads(), [&](Index p) {  // independent panels
       const Index j = p * panel;
       const Index w = std::min(panel, k - j);
       Eigen::Map<Matrix> tmp(scratch(0, d * panel), d, w);
       detail::from_bf16(pristine_.data() + j * d, tmp.data(), d * w);
       detail::gemm_add(tmp, B, A.middleCols(j, w), s);  // (d x r)(r x w), in fp32
       detail::to_bf16(tmp.data(), merged_.data() + j * d, d * w);
-    }
+    });
     is_merged_ = true;
   }
 

@@ -20,6 +20,22 @@
 
 namespace lora::detail {
 
+/// Runs f(0), ..., f(count - 1), on `threads` OpenMP threads when there are more than one and
+/// this is not already inside a parallel region. With one thread no OpenMP region is entered at
+/// all: libgomp allocates a team for every single-thread region.
+template <typename F>
+void parallel_for(Eigen::Index count, int threads, F&& f) {
+#if defined(_OPENMP)
+  if (threads > 1 && count > 1 && !omp_in_parallel()) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (Eigen::Index i = 0; i < count; ++i) f(i);
+    return;
+  }
+#endif
+  (void)threads;
+  for (Eigen::Index i = 0; i < count; ++i) f(i);
+}
+
 /// One GEMM operand as raw storage: column-major, or row-major (a transposed view).
 template <typename Scalar>
 struct GemmOperand {
@@ -94,16 +110,15 @@ template <typename Scalar, bool LRowMajor, bool RRowMajor>
 void gemm_split(Eigen::Index rows, Eigen::Index cols, Eigen::Index depth,
                 const GemmOperand<Scalar>& L, const GemmOperand<Scalar>& R, Scalar* C,
                 Eigen::Index ldc, Scalar alpha, int threads) {
-  // Element (i, j) of a column-major operand is at i + j*stride; of a row-major one at i*stride +
-  // j.
+  // (i, j) of a column-major operand is at i + j*stride, of a row-major one at i*stride + j.
   auto l_at = [&](Eigen::Index i) { return L.data + (LRowMajor ? i * L.stride : i); };
   auto r_at = [&](Eigen::Index j) { return R.data + (RRowMajor ? j : j * R.stride); };
   const bool by_rows = rows >= cols;
   const Eigen::Index extent = by_rows ? rows : cols;
   const Eigen::Index quantum = by_rows ? 16 : 4;  // whole micro-kernel tiles per slab
   const Eigen::Index slab = ((extent + threads - 1) / threads + quantum - 1) / quantum * quantum;
-  auto run_slab = [&](int t) {
-    const Eigen::Index begin = std::min(extent, Eigen::Index(t) * slab);
+  parallel_for(threads, threads, [&](Eigen::Index t) {
+    const Eigen::Index begin = std::min(extent, t * slab);
     const Eigen::Index size = std::min(extent, begin + slab) - begin;
     if (size <= 0) return;
     if (by_rows) {
@@ -113,16 +128,7 @@ void gemm_split(Eigen::Index rows, Eigen::Index cols, Eigen::Index depth,
       gemm_serial<Scalar, LRowMajor, RRowMajor>(rows, size, depth, L.data, L.stride, r_at(begin),
                                                 R.stride, C + begin * ldc, ldc, alpha);
     }
-  };
-#if defined(_OPENMP)
-  if (threads > 1) {
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; ++t) run_slab(t);
-    return;
-  }
-#endif
-  (void)threads;
-  run_slab(0);
+  });
 }
 
 /// C += alpha * L * R (C column-major with inner stride 1; L and R column-major matrices, maps,

@@ -34,16 +34,13 @@ void add_low_rank(Eigen::MatrixBase<Dst>& dst, const Eigen::MatrixBase<Src>& src
   const Index panels = (dst.cols() + panel - 1) / panel;
   // Panels are independent: with OpenMP each thread takes its share (gemm_add runs serially
   // inside the parallel region and allocates nothing).
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(Eigen::nbThreads()) if (panels > 1)
-#endif
-  for (Index p = 0; p < panels; ++p) {
+  parallel_for(panels, Eigen::nbThreads(), [&](Index p) {
     const Index j = p * panel;
     const Index w = std::min(panel, dst.cols() - j);
     auto dst_panel = dst.middleCols(j, w);
     if (!in_place) dst_panel = src.middleCols(j, w);
     gemm_add(dst_panel, B.derived(), A.derived().middleCols(j, w), s);  // (d x r)(r x w)
-  }
+  });
 }
 
 template <typename M>
@@ -64,12 +61,9 @@ void assign_low_rank(Eigen::MatrixBase<Dst>& dst, typename Dst::Scalar s,
   using Index = Eigen::Index;
   const Index panel = panel_columns(dst.rows(), Index(sizeof(typename Dst::Scalar)), 4);
   const Index panels = (dst.cols() + panel - 1) / panel;
+  // Threads only where the pass is worth a parallel region (about a million multiply-adds).
   const double work = double(dst.rows()) * double(dst.cols()) * double(L.cols() + 1);
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) \
-    num_threads(Eigen::nbThreads()) if (panels > 1 && work > 1e6 && !omp_in_parallel())
-#endif
-  for (Index p = 0; p < panels; ++p) {
+  parallel_for(panels, work > 1e6 ? Eigen::nbThreads() : 1, [&](Index p) {
     const Index j = p * panel;
     const Index w = std::min(panel, dst.cols() - j);
     auto dst_panel = dst.middleCols(j, w);
@@ -83,8 +77,7 @@ void assign_low_rank(Eigen::MatrixBase<Dst>& dst, typename Dst::Scalar s,
       dst_panel.noalias() = s * L.derived().lazyProduct(R.derived().middleCols(j, w));
     }
     if (bias.size() != 0) dst_panel.colwise() += bias;
-  }
-  (void)work;
+  });
 }
 
 }  // namespace lora::detail
