@@ -137,6 +137,8 @@ def main():
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per repetition")
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--shapes", default=None, help="only shapes matching this regex, e.g. 512/4096")
+    ap.add_argument("--families", default=None,
+                    help="only families matching this regex, e.g. Bf16 or '^(Dense|LoRA)Forward$'")
     args = ap.parse_args()
 
     context, lora = read_lora(args.json)
@@ -146,6 +148,12 @@ def main():
     print(f"threads: {threads} (lora run: {context.get('lora_eigen_threads', '?')}); "
           f"torch {torch.__version__}; lora bf16 back end: {context.get('lora_bf16_backend', '?')}")
 
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    if blas and blas.group(1) == "generic":
+        libblas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
+        print(f"WARNING: this PyTorch runs its fp32 products on the system libblas ({libblas}). "
+              "Debian's reference BLAS is some 20x slower than OpenBLAS, which makes PyTorch's "
+              "fp32 rows meaningless; for a fair comparison: apt-get install libopenblas0-pthread")
     shapes = sorted({shape for _, shape in lora}, key=lambda s: (-s[1] * s[2] * s[0], s))
     if args.shapes:
         shapes = [s for s in shapes if re.search(args.shapes, "/".join(map(str, s)))]
@@ -154,14 +162,15 @@ def main():
     print(header)
     print("-" * len(header))
     for shape in shapes:
-        families = sorted({fam for fam, s in lora if s == shape})
+        families = sorted({fam for fam, s in lora if s == shape
+                           and (not args.families or re.search(args.families, fam))})
         base = [f[:-len("OneDnn")] if f.endswith("OneDnn") else f for f in families]
         theirs = torch_times(shape, set(base), args.min_time, args.repetitions)
         for fam in families:
             mine = lora[(fam, shape)]
             dense_fam = "DenseForward" + ("Bf16" if fam.endswith("Bf16") else
                                           "OneDnn" if fam.endswith("OneDnn") else "")
-            if "Merge" in fam and "Forward" not in fam or fam == "WeightCopy":
+            if "merge" in fam.lower() and "Forward" not in fam or fam == "WeightCopy":
                 dense_fam = "WeightCopy"  # merge is memory-bound: its yardstick is a copy
             torch_fam = fam[:-len("OneDnn")] if fam.endswith("OneDnn") else fam
             ratio = mine / lora[(dense_fam, shape)] if (dense_fam, shape) in lora else float("nan")
