@@ -14,22 +14,41 @@ lora_missing_packages() {
   echo "${missing[@]}"
 }
 
+# Optional packages that are not installed (empty when all are).
+lora_missing_optional() {
+  local missing=()
+  for p in "${LORA_APT_OPTIONAL[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  echo "${missing[@]}"
+}
+
 lora_ensure_dependencies() {
-  local missing
+  local missing optional
   missing=$(lora_missing_packages "$@")
-  [ -z "$missing" ] && return 0
+  optional=$(lora_missing_optional)
+  [ -z "$missing" ] && [ -z "$optional" ] && return 0
   if [ "$(id -u)" = 0 ]; then
-    echo "Installing: $missing"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # shellcheck disable=SC2086
-    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    apt-get update -qq || true
+    if [ -n "$missing" ]; then
+      echo "Installing: $missing"
+      # shellcheck disable=SC2086
+      apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    fi
     # Optional packages: install when the archive has them, carry on without otherwise.
-    apt-get install -y -qq --no-install-recommends "${LORA_APT_OPTIONAL[@]}" >/dev/null 2>&1 || true
-  else
+    if [ -n "$optional" ]; then
+      echo "Installing (optional): $optional"
+      # shellcheck disable=SC2086
+      apt-get install -y -qq --no-install-recommends $optional >/dev/null 2>&1 ||
+        echo "Optional packages unavailable; building without them: $optional" >&2
+    fi
+  elif [ -n "$missing" ]; then
     echo "Missing packages. Run this once, then run this script again:" >&2
-    echo "  sudo apt-get install -y $missing ${LORA_APT_OPTIONAL[*]}" >&2
+    echo "  sudo apt-get install -y $missing $optional" >&2
     exit 1
+  else
+    echo "Note: optional $optional not installed (sudo apt-get install -y $optional); building without" >&2
   fi
 }
 

@@ -4,6 +4,8 @@
 
 #include "lora/config.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/detail/gemm.hpp"
+#include "lora/detail/low_rank.hpp"
 #include "lora/random.hpp"
 #include "lora/workspace.hpp"
 
@@ -117,9 +119,22 @@ class LoRAAdapter {
   /// n, holds A*X afterwards.
   void add_forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
                    Eigen::Ref<Matrix> AX) const {
-    AX.noalias() = A_ * X;              // (r x k)(k x n): r*k*n
-    H.noalias() += scaling_ * B_ * AX;  // (d x r)(r x n): d*r*n
+    AX.setZero();
+    detail::gemm_add(AX, A_, X, T(1));      // (r x k)(k x n): r*k*n
+    detail::gemm_add(H, B_, AX, scaling_);  // (d x r)(r x n): d*r*n
     add_lora_bias_term(H);
+  }
+
+  /// H = s * B * (A * X) + bias (bias: length d, or empty for none), overwriting H in one pass, so
+  /// that a frozen product accumulated into H afterwards pays nothing extra for the adapter's
+  /// memory traffic.   X: k x n,  H: d x n,  AX (scratch): r x n, holds A*X afterwards.
+  template <typename Bias>
+  void assign_forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
+                      Eigen::Ref<Matrix> AX, const Eigen::MatrixBase<Bias>& bias) const {
+    AX.setZero();
+    detail::gemm_add(AX, A_, X, T(1));                   // (r x k)(k x n): r*k*n
+    detail::assign_low_rank(H, scaling_, B_, AX, bias);  // (d x r)(r x n): d*r*n
+    add_lora_bias_term(H);  // a second pass over H only for PEFT's rare lora_bias
   }
 
   /// Accumulates the gradients of L for G = dL/dH (cost O(n * r * (d + k)), no d x k matrix):
@@ -129,16 +144,24 @@ class LoRAAdapter {
   /// AX and BtG are r x n scratch; BtG holds B^T G afterwards, for add_input_gradient.
   void accumulate_gradients(const Eigen::Ref<const Matrix>& X, const Eigen::Ref<const Matrix>& G,
                             Eigen::Ref<Matrix> AX, Eigen::Ref<Matrix> BtG) {
-    AX.noalias() = A_ * X;               // (r x k)(k x n)
-    BtG.noalias() = B_.transpose() * G;  // (r x d)(d x n)
-    grad_B_.noalias() += scaling_ * G * AX.transpose();
-    grad_A_.noalias() += scaling_ * BtG * X.transpose();
+    // Products on Eigen's kernel through detail::gemm_add: no allocation, no copy for a transpose.
+    AX.setZero();
+    detail::gemm_add(AX, A_, X, T(1));  // (r x k)(k x n)
+    BtG.setZero();
+    detail::gemm_add(BtG, B_.transpose(), G, T(1));           // (r x d)(d x n)
+    detail::gemm_add(grad_B_, G, AX.transpose(), scaling_);   // (d x n)(n x r)
+    detail::gemm_add(grad_A_, BtG, X.transpose(), scaling_);  // (r x n)(n x k)
     if (has_lora_bias()) grad_lora_bias_.noalias() += scaling_ * G.rowwise().sum();  // s * G * 1
   }
 
   /// dX += s * A^T * (B^T G): the adapter's share of dL/dX.   BtG: r x n,  dX: k x n.
   void add_input_gradient(const Eigen::Ref<const Matrix>& BtG, Eigen::Ref<Matrix> dX) const {
-    dX.noalias() += scaling_ * A_.transpose() * BtG;  // (k x r)(r x n)
+    detail::gemm_add(dX, A_.transpose(), BtG, scaling_);  // (k x r)(r x n)
+  }
+
+  /// dX = s * A^T * (B^T G), overwriting dX in one pass (the frozen term is accumulated after).
+  void assign_input_gradient(const Eigen::Ref<const Matrix>& BtG, Eigen::Ref<Matrix> dX) const {
+    detail::assign_low_rank(dX, scaling_, A_.transpose(), BtG, Vector());  // (k x r)(r x n)
   }
 
  private:

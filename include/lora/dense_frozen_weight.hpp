@@ -7,6 +7,8 @@
 //   Index out_features() const, in_features() const
 //   void multiply(X, H) const            H = W * X              (X: k x n, H: d x n, overwritten)
 //   void multiply_transposed(G, dX) const dX = W^T * G          (G: d x n, dX: k x n, overwritten)
+//   void multiply_add(X, H) const        H += W * X             (the layer starts H with its
+//   void multiply_transposed_add(G, dX) const dX += W^T * G      low-rank term and bias, then adds)
 //   void merge(s, B, A)                   W = W0 + s * B * A
 //   void unmerge(s, B, A)                 W = W0 again (exactly or to a documented bound)
 //   bool is_merged() const
@@ -15,6 +17,7 @@
 
 #include "lora/config.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/detail/gemm.hpp"
 #include "lora/detail/low_rank.hpp"
 
 #include <Eigen/Core>
@@ -46,13 +49,28 @@ class DenseFrozenWeight {
   const Matrix& weight() const { return weight_; }
 
   /// H = W * X.   W: d x k,  X: k x n,  H: d x n (overwritten; must not alias X).
+  /// The products run on Eigen's kernel without allocating (detail/gemm.hpp), on
+  /// Eigen::nbThreads() threads when compiled with OpenMP.
   void multiply(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
-    H.noalias() = weight_ * X;
+    H.setZero();  // as Eigen's own H = W * X does
+    detail::gemm_add(H, weight_, X, T(1));
   }
 
   /// dX = W^T * G.   G: d x n,  dX: k x n (overwritten; must not alias G).
   void multiply_transposed(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
-    dX.noalias() = weight_.transpose() * G;
+    dX.setZero();
+    detail::gemm_add(dX, weight_.transpose(), G, T(1));
+  }
+
+  /// H += W * X. Eigen's `H = W * X` zeroes H and then accumulates into it, so starting H with
+  /// other terms and accumulating costs the same as the plain product.
+  void multiply_add(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
+    detail::gemm_add(H, weight_, X, T(1));  // (d x k)(k x n)
+  }
+
+  /// dX += W^T * G (W^T is a transposed view: no copy of W is made).
+  void multiply_transposed_add(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
+    detail::gemm_add(dX, weight_.transpose(), G, T(1));  // (k x d)(d x n)
   }
 
   /// W = W0 + s * B * A (B: d x r, A: r x k), without a d x k temporary. In ExactRestore mode the

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "lora/adapter.hpp"
+#include "lora/bf16_frozen_weight.hpp"
 #include "lora/config.hpp"
 #include "lora/dense_frozen_weight.hpp"
 #include "lora/lora_linear.hpp"

@@ -67,6 +67,18 @@ class LoRALinear {
                     bias_.size());
   }
 
+  /// Wraps a frozen storage built by the caller, e.g.
+  /// `Bf16FrozenWeight(W0, MergeMode::InPlace, Bf16Backend::Portable)`; bias: length d or empty.
+  LoRALinear(Frozen frozen, Vector bias, const LoRAConfig& config)
+      : frozen_(std::move(frozen)),
+        bias_(std::move(bias)),
+        adapter_(frozen_.out_features(), frozen_.in_features(), config),
+        dropout_rng_(config.seed + kDropoutSeedOffset) {
+    detail::require(bias_.size() == 0 || bias_.size() == out_features(),
+                    "LoRALinear: bias must have length ", out_features(), " (out_features), got ",
+                    bias_.size());
+  }
+
   // ---- training / evaluation mode (LoRA dropout) ------------------------------------------------
 
   /// Training mode (the default): forward applies LoRA dropout when config().dropout > 0.
@@ -148,20 +160,28 @@ class LoRALinear {
     detail::require_rows("LoRALinear::forward", "X", X, in_features(), "in_features");
     detail::require_shape("LoRALinear::forward", "H", H, out_features(), X.cols());
     detail::require_no_alias("LoRALinear::forward", "H", H, "X", X);
-    frozen_.multiply(X, H);  // (d x k)(k x n): the cost of the layer
-    if (has_bias()) H.colwise() += bias_;
     if (frozen_.is_merged()) {
-      adapter_.add_lora_bias_term(H);  // s * b_B: the part of a lora bias W cannot hold
-      return;
+      // Exactly a dense layer, plus s * b_B for PEFT's lora_bias (a weight cannot hold it).
+      if (has_bias()) {
+        H.colwise() = bias_;
+      } else if (adapter_.has_lora_bias()) {
+        H.setZero();
+      } else {
+        frozen_.multiply(X, H);  // (d x k)(k x n)
+        return;
+      }
+      adapter_.add_lora_bias_term(H);
+    } else if (!dropout_active()) {
+      // H starts as the adapter's term and the bias, written in the one pass over H that the dense
+      // product would spend zeroing it; the frozen product then accumulates on top.
+      adapter_.assign_forward(X, H, ws.get(0, rank(), X.cols()), bias_);
+    } else {
+      draw_dropout_mask(X.cols());
+      auto Xd = ws.get(2, in_features(), X.cols());  // M .* X, k x n
+      Xd = X.cwiseProduct(dropout_mask());
+      adapter_.assign_forward(Xd, H, ws.get(0, rank(), X.cols()), bias_);
     }
-    if (!dropout_active()) {
-      adapter_.add_forward(X, H, ws.get(0, rank(), X.cols()));
-      return;
-    }
-    draw_dropout_mask(X.cols());
-    auto Xd = ws.get(2, in_features(), X.cols());  // M .* X, k x n
-    Xd = X.cwiseProduct(dropout_mask());
-    adapter_.add_forward(Xd, H, ws.get(0, rank(), X.cols()));
+    frozen_.multiply_add(X, H);  // (d x k)(k x n): the cost of the layer
   }
 
   // ---- backward ------------------------------------------------------------------------------
@@ -186,18 +206,17 @@ class LoRALinear {
     auto BtG = ws.get(1, rank(), X.cols());
     if (!dropout_active()) {
       adapter_.accumulate_gradients(X, G, ws.get(0, rank(), X.cols()), BtG);
-      frozen_.multiply_transposed(G, dX);    // (k x d)(d x n)
-      adapter_.add_input_gradient(BtG, dX);  // (k x r)(r x n)
+      adapter_.assign_input_gradient(BtG, dX);  // dX = s A^T (B^T G): (k x r)(r x n)
+      frozen_.multiply_transposed_add(G, dX);   // dX += W0^T G: (k x d)(d x n)
       return;
     }
     // With the forward's mask M: dA = s (B^T G) (M .* X)^T, and the adapter's share of dX is
     // M .* (s A^T B^T G).
     auto Xd = masked_input("LoRALinear::backward", X, ws);
     adapter_.accumulate_gradients(Xd, G, ws.get(0, rank(), X.cols()), BtG);
-    frozen_.multiply_transposed(G, dX);  // (k x d)(d x n)
-    Xd.setZero();                        // reused: the adapter's share of dX, before masking
-    adapter_.add_input_gradient(BtG, Xd);
-    dX += Xd.cwiseProduct(dropout_mask());
+    adapter_.assign_input_gradient(BtG, dX);  // (k x r)(r x n)
+    dX.array() *= dropout_mask().array();
+    frozen_.multiply_transposed_add(G, dX);  // dX += W0^T G: (k x d)(d x n)
   }
 
   /// Accumulates grad_A and grad_B only, for a first layer whose input needs no gradient:

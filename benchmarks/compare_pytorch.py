@@ -1,0 +1,189 @@
+#!/usr/bin/python3
+"""Side-by-side of lora_benchmarks and PyTorch (CPU) running PEFT's formulas on the same shapes.
+
+Usage:
+  OMP_NUM_THREADS=2 build/benchmarks/lora_benchmarks --benchmark_repetitions=5 \\
+      --benchmark_report_aggregates_only=true --benchmark_out=lora.json \\
+      --benchmark_out_format=json
+  /usr/bin/python3 benchmarks/compare_pytorch.py lora.json            # same thread count
+
+PyTorch side (x is n x k, PEFT's layout; W is d x k as torch.nn.Linear.weight):
+  DenseForward        F.linear(x, W)
+  LoRAForward         base(x) + lora_B(lora_A(x)) * scaling            (PEFT's Linear.forward)
+  MergedForward       F.linear(x, W + scaling * B @ A)
+  TrainStep           forward, then y.backward(g) by autograd with x.requires_grad (dX included)
+  TrainStepNoInputGrad  the same with x.requires_grad = False
+  Merge / Unmerge     W += scaling * B @ A  /  W -= scaling * B @ A     (PEFT's merge)
+  WeightCopy          W2.copy_(W)
+  ...Bf16             the same under torch.autocast('cpu', dtype=torch.bfloat16), PyTorch's own
+                      mixed precision; MergeBf16 adds the delta into a bf16 weight.
+
+Needs PyTorch (Debian: apt-get install python3-torch, for /usr/bin/python3); installs nothing.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    sys.exit("compare_pytorch.py needs PyTorch: apt-get install python3-torch "
+             "(then run it with /usr/bin/python3)")
+
+UNIT_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def read_lora(path):
+    """{(family, (n, k, d, r)): median real time in ms} from lora_benchmarks' JSON."""
+    with open(path) as f:
+        data = json.load(f)
+    times, runs = {}, {}
+    for b in data["benchmarks"]:
+        m = re.match(r"(BM_\w+)/(\d+)/(\d+)/(\d+)/(\d+)", b["name"])
+        if not m or b.get("error_occurred"):
+            continue
+        key = (m.group(1)[3:], tuple(int(g) for g in m.group(2, 3, 4, 5)))
+        ms = b["real_time"] * UNIT_MS[b.get("time_unit", "ns")]
+        if b.get("run_type") == "aggregate":
+            if b.get("aggregate_name") == "median":
+                times[key] = ms
+        else:
+            runs.setdefault(key, []).append(ms)
+    for key, values in runs.items():
+        times.setdefault(key, statistics.median(values))
+    return data.get("context", {}), times
+
+
+def measure(fn, min_time, repetitions):
+    """Median over repetitions of the mean time (ms) of fn() over at least min_time seconds."""
+    fn()
+    fn()  # warm-up: allocator, autograd graph, oneDNN primitive caches
+    results = []
+    for _ in range(repetitions):
+        count, start = 0, time.perf_counter()
+        while True:
+            fn()
+            count += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        results.append(elapsed / count * 1e3)
+    return statistics.median(results)
+
+
+def torch_times(shape, families, min_time, repetitions):
+    n, k, d, r = shape
+    torch.manual_seed(0)
+    s = 2.0  # alpha = 2r, as the C++ benchmarks
+    W = torch.randn(d, k) / k ** 0.5
+    A = torch.nn.Parameter(torch.randn(r, k) / r)
+    B = torch.nn.Parameter(torch.randn(d, r) * 0.01)
+    x = torch.randn(n, k)
+    g = torch.randn(n, d)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def lora_forward(inp):  # PEFT: result = base_layer(x) + lora_B(lora_A(dropout(x))) * scaling
+        return F.linear(inp, W) + F.linear(F.linear(inp, A), B) * s
+
+    def step(input_grad, autocast):
+        xi = x.detach().requires_grad_(input_grad)
+        A.grad = B.grad = None
+        if autocast:
+            with bf16():
+                y = lora_forward(xi)
+        else:
+            y = lora_forward(xi)
+        y.backward(g)
+
+    W_merged = W + s * (B.detach() @ A.detach())
+    W_copy = torch.empty_like(W)
+    W_bf16 = W.to(torch.bfloat16)
+    out = {}
+
+    def run(name, fn):
+        if name in families:
+            out[name] = measure(fn, min_time, repetitions)
+
+    with torch.no_grad():
+        run("DenseForward", lambda: F.linear(x, W))
+        run("LoRAForward", lambda: lora_forward(x))
+        run("MergedForward", lambda: F.linear(x, W_merged))
+        run("Merge", lambda: W.add_(s * (B @ A)))  # PEFT's merge; Unmerge undoes it
+        run("Unmerge", lambda: W.sub_(s * (B @ A)))
+        run("WeightCopy", lambda: W_copy.copy_(W))
+        with bf16():
+            run("DenseForwardBf16", lambda: F.linear(x, W))
+            run("LoRAForwardBf16", lambda: lora_forward(x))
+            run("MergedForwardBf16", lambda: F.linear(x, W_merged))
+        run("MergeBf16", lambda: W_bf16.add_(s * (B @ A)))
+    run("TrainStep", lambda: step(True, False))
+    run("TrainStepNoInputGrad", lambda: step(False, False))
+    run("TrainStepBf16", lambda: step(True, True))
+    run("TrainStepNoInputGradBf16", lambda: step(False, True))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", help="lora_benchmarks --benchmark_out=FILE --benchmark_out_format=json")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="PyTorch threads (default: the count the C++ run used)")
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds per repetition")
+    ap.add_argument("--repetitions", type=int, default=5)
+    ap.add_argument("--shapes", default=None, help="only shapes matching this regex, e.g. 512/4096")
+    ap.add_argument("--families", default=None,
+                    help="only families matching this regex, e.g. Bf16 or '^(Dense|LoRA)Forward$'")
+    args = ap.parse_args()
+
+    context, lora = read_lora(args.json)
+    threads = args.threads or int(context.get("lora_eigen_threads",
+                                              os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_num_threads(threads)
+    print(f"threads: {threads} (lora run: {context.get('lora_eigen_threads', '?')}); "
+          f"torch {torch.__version__}; lora bf16 back end: {context.get('lora_bf16_backend', '?')}")
+
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    if blas and blas.group(1) == "generic":
+        libblas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
+        print(f"WARNING: this PyTorch runs its fp32 products on the system libblas ({libblas}). "
+              "Debian's reference BLAS is some 20x slower than OpenBLAS, which makes PyTorch's "
+              "fp32 rows meaningless; for a fair comparison: apt-get install libopenblas0-pthread")
+    shapes = sorted({shape for _, shape in lora}, key=lambda s: (-s[1] * s[2] * s[0], s))
+    if args.shapes:
+        shapes = [s for s in shapes if re.search(args.shapes, "/".join(map(str, s)))]
+    header = f"{'benchmark':<26}{'n/k/d/r':>18}{'lora ms':>10}{'x dense':>9}" \
+             f"{'torch ms':>10}{'x dense':>9}{'torch/lora':>12}"
+    print(header)
+    print("-" * len(header))
+    for shape in shapes:
+        families = sorted({fam for fam, s in lora if s == shape
+                           and (not args.families or re.search(args.families, fam))})
+        base = [f[:-len("OneDnn")] if f.endswith("OneDnn") else f for f in families]
+        theirs = torch_times(shape, set(base), args.min_time, args.repetitions)
+        for fam in families:
+            mine = lora[(fam, shape)]
+            dense_fam = "DenseForward" + ("Bf16" if fam.endswith("Bf16") else
+                                          "OneDnn" if fam.endswith("OneDnn") else "")
+            if "merge" in fam.lower() and "Forward" not in fam or fam == "WeightCopy":
+                dense_fam = "WeightCopy"  # merge is memory-bound: its yardstick is a copy
+            torch_fam = fam[:-len("OneDnn")] if fam.endswith("OneDnn") else fam
+            ratio = mine / lora[(dense_fam, shape)] if (dense_fam, shape) in lora else float("nan")
+            t = theirs.get(torch_fam)
+            torch_dense = theirs.get(dense_fam[:-len("OneDnn")] if dense_fam.endswith("OneDnn")
+                                     else dense_fam)
+            t_ratio = t / torch_dense if t and torch_dense else float("nan")
+            print(f"{fam:<26}{'/'.join(map(str, shape)):>18}{mine:>10.3f}{ratio:>9.3f}"
+                  + (f"{t:>10.3f}{t_ratio:>9.3f}{t / mine:>11.2f}x" if t else f"{'-':>10}"))
+        print()
+    print("x dense: time / the dense product of the same precision in the same run "
+          "(merge, unmerge: / WeightCopy). torch/lora > 1: lora is faster.")
+
+
+if __name__ == "__main__":
+    main()

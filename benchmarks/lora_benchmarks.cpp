@@ -1,0 +1,293 @@
+// lora_benchmarks: the cost of a LoRA layer against the dense product it adds to.
+//
+// Arguments of every family: n/k/d/r (batch, in features, out features, rank). Each family is
+// registered for each frozen-weight storage: no suffix = Eigen fp32 (DenseFrozenWeight<float>),
+// "OneDnn" = oneDNN fp32 matmul (when built with oneDNN), "Bf16" = the bf16 frozen base
+// (Bf16FrozenWeight, oneDNN when present, else the portable kernel). Counters:
+//   allocs_per_iter  heap allocations per iteration (operator new and malloc, any thread)
+//   GFLOPS           2*d*k*n per iteration, for the dense product
+//   threads          the threads Eigen's products use (OMP_NUM_THREADS)
+// Thread count: OMP_NUM_THREADS (Eigen and oneDNN both follow it).
+#include "alloc_counter.hpp"
+
+#include <lora/bf16_frozen_weight.hpp>
+#include <lora/lora.hpp>
+#if defined(LORA_WITH_ONEDNN)
+#include <lora/onednn/onednn_frozen_weight.hpp>
+#endif
+
+#include <benchmark/benchmark.h>
+
+#include <Eigen/Core>
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using Matrix = Eigen::MatrixXf;
+using Index = Eigen::Index;
+
+struct Shape {
+  Index n, k, d, r;
+  bool operator==(const Shape& o) const { return n == o.n && k == o.k && d == o.d && r == o.r; }
+};
+
+Shape shape_of(const benchmark::State& state) {
+  return {state.range(0), state.range(1), state.range(2), state.range(3)};
+}
+
+// The one fixture alive at a time (the large shapes hold a few hundred MB): building a new one
+// releases the previous, whatever its storage type.
+std::function<void()> g_release_fixture;
+
+template <typename Frozen>
+struct Fixture {
+  Shape shape;
+  Matrix X, G, H, dX;
+  lora::LoRALinear<float, Frozen> layer;
+  lora::Workspace<float> ws;
+
+  static lora::LoRALinear<float, Frozen> make_layer(const Shape& s) {
+    lora::LoRAConfig cfg;
+    cfg.rank = static_cast<int>(s.r);
+    cfg.alpha = 2.0 * static_cast<double>(s.r);
+    cfg.seed = 7;
+    Matrix W0 = Matrix::Random(s.d, s.k) * (1.0f / std::sqrt(static_cast<float>(s.k)));
+    lora::LoRALinear<float, Frozen> layer(std::move(W0), cfg);
+    layer.B() = Matrix::Random(s.d, s.r) * 0.01f;  // a trained-looking B: the path is not zero
+    return layer;
+  }
+
+  explicit Fixture(const Shape& s)
+      : shape(s),
+        X(Matrix::Random(s.k, s.n)),
+        G(Matrix::Random(s.d, s.n)),
+        H(s.d, s.n),
+        dX(s.k, s.n),
+        layer(make_layer(s)) {
+    // Grow the workspace and every lazily built cache before timing starts.
+    layer.forward(X, H, ws);
+    layer.backward(X, G, dX, ws);
+    layer.backward_without_input_grad(X, G, ws);
+    layer.frozen().multiply(X, H);
+    layer.merge();
+    layer.forward(X, H, ws);
+    layer.unmerge();
+    layer.zero_grad();
+  }
+
+  static Fixture& get(const Shape& s) {
+    static std::unique_ptr<Fixture> current;
+    if (!current || !(current->shape == s)) {
+      if (g_release_fixture) g_release_fixture();
+      current.reset();
+      current = std::make_unique<Fixture>(s);
+      g_release_fixture = [] { current.reset(); };
+    }
+    return *current;
+  }
+};
+
+/// Runs `body` over the benchmark loop and reports allocations per iteration.
+template <typename Body>
+void timed_loop(benchmark::State& state, Body&& body) {
+  const std::uint64_t before = lora::bench::allocation_count();
+  for (auto _ : state) body();
+  const std::uint64_t after = lora::bench::allocation_count();
+  state.counters["allocs_per_iter"] = benchmark::Counter(static_cast<double>(after - before) /
+                                                         static_cast<double>(state.iterations()));
+  state.counters["threads"] = Eigen::nbThreads();
+}
+
+void report_flops(benchmark::State& state, const Shape& s) {
+  const double flops = 2.0 * double(s.d) * double(s.k) * double(s.n);
+  state.counters["GFLOPS"] =
+      benchmark::Counter(flops * 1e-9 * double(state.iterations()), benchmark::Counter::kIsRate);
+  state.SetItemsProcessed(state.iterations() * s.n);
+}
+
+// ---- the families -------------------------------------------------------------------------------
+
+/// W0 * X only, through the storage's own product: the baseline every ratio divides by.
+template <typename Frozen>
+void dense_forward(benchmark::State& state) {
+  auto& f = Fixture<Frozen>::get(shape_of(state));
+  timed_loop(state, [&] {
+    f.layer.frozen().multiply(f.X, f.H);
+    benchmark::DoNotOptimize(f.H.data());
+    benchmark::ClobberMemory();
+  });
+  report_flops(state, f.shape);
+}
+
+/// Eigen's own `H = W0 * X` (its OpenMP threading, its per-call packing buffers): the product a
+/// plain Eigen dense layer runs, for comparison with the library's allocation-free one.
+void dense_forward_eigen(benchmark::State& state) {
+  auto& f = Fixture<lora::DenseFrozenWeight<float>>::get(shape_of(state));
+  const Matrix& W = f.layer.frozen().weight();
+  timed_loop(state, [&] {
+    f.H.noalias() = W * f.X;
+    benchmark::DoNotOptimize(f.H.data());
+    benchmark::ClobberMemory();
+  });
+  report_flops(state, f.shape);
+}
+
+/// H = W0 X + s B (A X), unmerged.
+template <typename Frozen>
+void lora_forward(benchmark::State& state) {
+  auto& f = Fixture<Frozen>::get(shape_of(state));
+  timed_loop(state, [&] {
+    f.layer.forward(f.X, f.H, f.ws);
+    benchmark::DoNotOptimize(f.H.data());
+    benchmark::ClobberMemory();
+  });
+  report_flops(state, f.shape);
+}
+
+/// The merged layer's forward: should cost exactly the dense product.
+template <typename Frozen>
+void merged_forward(benchmark::State& state) {
+  auto& f = Fixture<Frozen>::get(shape_of(state));
+  f.layer.merge();
+  timed_loop(state, [&] {
+    f.layer.forward(f.X, f.H, f.ws);
+    benchmark::DoNotOptimize(f.H.data());
+    benchmark::ClobberMemory();
+  });
+  f.layer.unmerge();
+  report_flops(state, f.shape);
+}
+
+/// Forward, then backward with dX (gradients accumulate; no optimiser step).
+template <typename Frozen>
+void train_step(benchmark::State& state) {
+  auto& f = Fixture<Frozen>::get(shape_of(state));
+  timed_loop(state, [&] {
+    f.layer.forward(f.X, f.H, f.ws);
+    f.layer.backward(f.X, f.G, f.dX, f.ws);
+    benchmark::DoNotOptimize(f.dX.data());
+    benchmark::ClobberMemory();
+  });
+  report_flops(state, f.shape);
+}
+
+/// Forward, then the gradients of A and B only (a first layer).
+template <typename Frozen>
+void train_step_no_input_grad(benchmark::State& state) {
+  auto& f = Fixture<Frozen>::get(shape_of(state));
+  timed_loop(state, [&] {
+    f.layer.forward(f.X, f.H, f.ws);
+    f.layer.backward_without_input_grad(f.X, f.G, f.ws);
+    benchmark::DoNotOptimize(f.layer.grad_A().data());
+    benchmark::ClobberMemory();
+  });
+  report_flops(state, f.shape);
+}
+
+void report_weight_bytes(benchmark::State& state, const Shape& s, std::size_t element_bytes) {
+  // Read the weight once and write it once.
+  state.SetBytesProcessed(state.iterations() * 2 * s.d * s.k *
+                          static_cast<std::int64_t>(element_bytes));
+}
+
+/// Bytes per element of a storage's weight (merge reads and writes the weight once).
+template <typename Frozen>
+constexpr std::size_t storage_bytes() {
+  return std::is_same_v<Frozen, lora::Bf16FrozenWeight> ? 2 : sizeof(float);
+}
+
+template <typename Frozen>
+void merge(benchmark::State& state) {
+  auto& f = Fixture<Frozen>::get(shape_of(state));
+  timed_loop(state, [&] {
+    f.layer.merge();
+    state.PauseTiming();
+    f.layer.unmerge();
+    state.ResumeTiming();
+  });
+  report_weight_bytes(state, f.shape, storage_bytes<Frozen>());
+}
+
+template <typename Frozen>
+void unmerge(benchmark::State& state) {
+  auto& f = Fixture<Frozen>::get(shape_of(state));
+  timed_loop(state, [&] {
+    state.PauseTiming();
+    f.layer.merge();
+    state.ResumeTiming();
+    f.layer.unmerge();
+  });
+  report_weight_bytes(state, f.shape, storage_bytes<Frozen>());
+}
+
+/// dst = src for a d x k float weight: the memory-bound yardstick for merge and unmerge.
+void weight_copy(benchmark::State& state) {
+  const Shape s = shape_of(state);
+  if (g_release_fixture) g_release_fixture();
+  g_release_fixture = nullptr;
+  const Matrix src = Matrix::Random(s.d, s.k);
+  Matrix dst(s.d, s.k);
+  dst = src;
+  timed_loop(state, [&] {
+    dst = src;
+    benchmark::DoNotOptimize(dst.data());
+    benchmark::ClobberMemory();
+  });
+  report_weight_bytes(state, s, sizeof(float));
+}
+
+// ---- registration -------------------------------------------------------------------------------
+
+constexpr std::array<std::array<std::int64_t, 4>, 5> kShapes = {{
+    {512, 4096, 4096, 8},
+    {512, 4096, 4096, 64},
+    {128, 1024, 1024, 8},
+    {1, 4096, 4096, 8},
+    {2048, 1024, 1024, 16},
+}};
+
+void add(const std::string& name, void (*fn)(benchmark::State&)) {
+  auto* b = benchmark::RegisterBenchmark(name.c_str(), fn);
+  b->UseRealTime()->Unit(benchmark::kMillisecond);
+  for (const auto& s : kShapes) b->Args({s[0], s[1], s[2], s[3]});
+}
+
+template <typename Frozen>
+void add_families(const std::string& suffix, bool with_merge) {
+  add("BM_DenseForward" + suffix, dense_forward<Frozen>);
+  add("BM_LoRAForward" + suffix, lora_forward<Frozen>);
+  add("BM_MergedForward" + suffix, merged_forward<Frozen>);
+  add("BM_TrainStep" + suffix, train_step<Frozen>);
+  add("BM_TrainStepNoInputGrad" + suffix, train_step_no_input_grad<Frozen>);
+  if (with_merge) {
+    add("BM_Merge" + suffix, merge<Frozen>);
+    add("BM_Unmerge" + suffix, unmerge<Frozen>);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  add_families<lora::DenseFrozenWeight<float>>("", true);
+  add("BM_WeightCopy", weight_copy);
+  add("BM_DenseForwardEigen", dense_forward_eigen);
+#if defined(LORA_WITH_ONEDNN)
+  add_families<lora::onednn::OneDnnFrozenWeight>("OneDnn", false);
+#endif
+  add_families<lora::Bf16FrozenWeight>("Bf16", true);
+
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("lora_eigen_threads", std::to_string(Eigen::nbThreads()));
+  benchmark::AddCustomContext("lora_bf16_backend", lora::Bf16FrozenWeight::backend_report());
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
