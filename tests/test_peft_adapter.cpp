@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <string>
@@ -419,6 +420,69 @@ TEST(PeftAdapter, WeightFileProblemsAreClearErrors) {
     ::unlink((dir + "/adapter_model.safetensors").c_str());
     expect_error([&] { lora::peft::read_adapter<float>(dir); }, "cannot open");
   }
+}
+
+TEST(PeftAdapter, ParsesFromMemoryAndBoundsModulePaths) {
+  const std::string dir = adapter_dir("llama_adapter");
+  std::ifstream in(dir + "/adapter_config.json");
+  const std::string config((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto bytes = lora::test::read_bytes(dir + "/adapter_model.safetensors");
+  const auto file = lora::peft::parse_adapter<double>(config, bytes, "mem");
+  EXPECT_EQ(file.modules.size(), 8u);
+  EXPECT_EQ(file.modules.at("model.layers.1.self_attn.o_proj").rank(), 4);
+  expect_error([&] { lora::peft::parse_adapter<float>("{", bytes); }, "not valid JSON");
+  expect_error([&] { lora::peft::parse_adapter<float>("[]", bytes); }, "must be a JSON object");
+
+  lora::io::SafeTensorsWriter w;
+  const std::string long_path(2000, 'm');
+  w.add(lora::peft::key_of(long_path, "lora_A.weight"), Eigen::MatrixXf::Ones(1, 2), DType::F32);
+  w.add(lora::peft::key_of(long_path, "lora_B.weight"), Eigen::MatrixXf::Ones(2, 1), DType::F32);
+  expect_error(
+      [&] { lora::peft::parse_adapter<float>(R"({"peft_type": "LORA", "r": 1})", w.serialize()); },
+      "exceeds the limit");
+}
+
+TEST(PeftAdapter, CorruptWeightFilesAreClearErrors) {
+  const std::string dir = adapter_dir("llama_adapter");
+  std::ifstream in(dir + "/adapter_config.json");
+  const std::string config((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto good = lora::test::read_bytes(dir + "/adapter_model.safetensors");
+  // Same-length edits of the header, so only the named field changes.
+  auto edited = [&](const std::string& from, const std::string& to) {
+    std::string text(good.begin(), good.end());
+    const auto at = text.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    text.replace(at, from.size(), to);
+    return std::vector<std::uint8_t>(text.begin(), text.end());
+  };
+  auto header_length = [&](std::uint64_t n) {
+    auto b = good;
+    for (int i = 0; i < 8; ++i)
+      b[static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(n >> (8 * i));
+    return b;
+  };
+  const std::vector<std::pair<std::vector<std::uint8_t>, std::string>> cases = {
+      {header_length(good.size()), "runs past the end of the file"},
+      {header_length(1u << 31), "exceeds the 100 MB limit"},
+      {edited("{\"__metadata__\"", "[\"__metadata__\""), "not valid JSON"},
+      {edited("\"dtype\":\"F32\"", "\"dtype\":\"I32\""), "has dtype I32"},
+      {edited("[0,512]", "[4,516]"), "overlap"},
+      {edited("[6912,7168]", "[6912,9168]"), "data_offsets"},
+      {edited("\"shape\":[4,32]", "\"shape\":[2,64]"), "their ranks differ"},
+      {std::vector<std::uint8_t>(good.begin(), good.begin() + 5), "shorter than the 8-byte"},
+  };
+  for (const auto& [bytes, message] : cases) {
+    SCOPED_TRACE(message);
+    expect_error([&] { lora::peft::parse_adapter<float>(config, bytes, "corrupt"); }, message);
+  }
+}
+
+TEST(PeftAdapter, AllLinearTargetsAreAccepted) {
+  const std::string dir = copy_adapter("llama_adapter", "all_linear");
+  nlohmann::json j = read_json(dir + "/adapter_config.json");
+  j["target_modules"] = "all-linear";
+  write_json(dir + "/adapter_config.json", j);
+  EXPECT_EQ(lora::peft::read_adapter<float>(dir).modules.size(), 8u);
 }
 
 // ---- lora bias ---------------------------------------------------------------------------------

@@ -96,9 +96,8 @@ class LoRAAdapter {
   /// Gives the adapter a bias on B, set to b (length d), with a zero gradient.
   void set_lora_bias(const Eigen::Ref<const Vector>& b) {
     detail::require(b.size() == out_features(),
-                    "LoRAAdapter::set_lora_bias: the bias must have "
-                    "length ",
-                    out_features(), " (out_features), got ", b.size());
+                    "LoRAAdapter::set_lora_bias: the bias must have length ", out_features(),
+                    " (out_features), got ", b.size());
     lora_bias_ = b;
     grad_lora_bias_.setZero(b.size());
   }
@@ -115,8 +114,8 @@ class LoRAAdapter {
     if (has_lora_bias()) H.colwise() += scaling_ * lora_bias_;
   }
 
-  /// H += s * B * (A * X) (+ s * b_B with a lora bias).   X: k x n,  H: d x n,  AX (scratch): r x
-  /// n, holds A*X afterwards.
+  /// H += s * B * (A * X) (+ s * b_B with a lora bias).
+  /// X: k x n,  H: d x n,  AX (scratch): r x n, holds A*X afterwards.
   void add_forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
                    Eigen::Ref<Matrix> AX) const {
     AX.setZero();

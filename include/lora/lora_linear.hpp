@@ -131,6 +131,7 @@ class LoRALinear {
         " weight, this layer's W0 is ", detail::shape_string(out_features(), in_features()));
     adapter_ = std::move(adapter);
   }
+
   const Frozen& frozen() const { return frozen_; }
   bool has_bias() const { return bias_.size() != 0; }
   const Vector& bias() const { return bias_; }  ///< length d, or empty

@@ -112,6 +112,8 @@ struct AdapterConfig {
       if (!j.at(key).is_object()) throw fail(std::string(key) + " must be an object");
       for (const auto& [k, v] : j.at(key).items()) {
         const std::string what = std::string(key) + "[\"" + k + "\"]";
+        if (k.size() > 1024)
+          throw fail(what.substr(0, 40) + "...: keys are limited to 1024 characters");
         compile(k, what, source);
         if (key[0] == 'r')
           c.rank_pattern.emplace_back(k, get_rank(v, what));
@@ -189,6 +191,8 @@ struct AdapterConfig {
 
   /// True when target_modules selects `module` (always true when the file gave none).
   bool targets(const std::string& module) const {
+    // "all-linear" is a PEFT shorthand resolved against the model's layer types: not checkable.
+    if (target_modules_regex && *target_modules_regex == "all-linear") return true;
     if (target_modules_regex)
       return std::regex_match(module, compile(*target_modules_regex, "target_modules", "config"));
     if (target_modules.empty()) return true;

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -132,34 +133,65 @@ LoRAAdapter<T> make_adapter(const io::SafeTensors& st, const AdapterConfig& conf
 
 // ---- reading ------------------------------------------------------------------------------------
 
+/// The longest module path accepted (PEFT's keys are regexes matched against paths; a bound keeps
+/// the matching cheap and its recursion shallow on hostile files).
+inline constexpr std::size_t kMaxModulePathLength = 1024;
+
+/// Checks and converts an adapter held in memory: `config` (an AdapterConfig already parsed) and
+/// the safetensors file `weights`; `source` names it in messages. See read_adapter.
+template <typename T>
+AdapterFile<T> parse_adapter(AdapterConfig config, const io::SafeTensors& weights,
+                             const std::string& source = "<memory>") {
+  AdapterFile<T> out;
+  out.config = std::move(config);
+  out.config.require_supported(source);
+  std::set<std::string> modules;
+  for (const auto& key : weights.names()) {
+    const auto split = detail::split_key(key);
+    if (!split)
+      throw FormatError("PEFT adapter \"" + source + "\": unexpected key \"" + key +
+                        "\"; expected " + kKeyPrefix +
+                        "<module>.lora_A.weight, .lora_B.weight or .lora_B.bias");
+    if (split->first.size() > kMaxModulePathLength)
+      throw FormatError("PEFT adapter \"" + source + "\": a module path of " +
+                        std::to_string(split->first.size()) + " characters exceeds the limit of " +
+                        std::to_string(kMaxModulePathLength));
+    modules.insert(split->first);
+  }
+  if (modules.empty()) throw FormatError("PEFT adapter \"" + source + "\" holds no LoRA tensors");
+  out.config.check_modules({modules.begin(), modules.end()}, source);
+  for (const auto& m : modules)
+    out.modules.emplace(m, detail::make_adapter<T>(weights, out.config, m, source));
+  return out;
+}
+
+/// As parse_adapter, from the text of adapter_config.json and the bytes of
+/// adapter_model.safetensors (for example to check data that never touches the disk).
+template <typename T>
+AdapterFile<T> parse_adapter(const std::string& config_json, std::vector<std::uint8_t> weights,
+                             const std::string& source = "<memory>") {
+  nlohmann::ordered_json j;
+  try {
+    j = nlohmann::ordered_json::parse(config_json);
+  } catch (const nlohmann::json::exception& e) {
+    throw FormatError("adapter config \"" + source + "\" is not valid JSON: " + e.what());
+  }
+  AdapterConfig config = AdapterConfig::from_json(j, source);
+  return parse_adapter<T>(std::move(config), io::SafeTensors::parse(std::move(weights), source),
+                          source);
+}
+
 /// Reads and checks a PEFT adapter directory without any layer: the config (refusing what cannot
 /// be applied: DoRA, modules_to_save, ...), then one LoRAAdapter<T> per module, with the rank and
 /// scaling PEFT gives it (r / lora_alpha, rank_pattern / alpha_pattern, use_rslora). Tensors of
 /// any float dtype (F32, F16, BF16, F64) are converted to T. Throws FormatError.
 template <typename T>
 AdapterFile<T> read_adapter(const std::string& dir) {
-  AdapterFile<T> out;
   const std::string config_path = detail::join_path(dir, kConfigFileName);
   const std::string weights_path = detail::join_path(dir, kWeightsFileName);
-  out.config = AdapterConfig::load(config_path);
-  out.config.require_supported(config_path);
-  const io::SafeTensors st = io::SafeTensors::load(weights_path);
-
-  std::set<std::string> modules;
-  for (const auto& key : st.names()) {
-    const auto split = detail::split_key(key);
-    if (!split)
-      throw FormatError("PEFT adapter \"" + weights_path + "\": unexpected key \"" + key +
-                        "\"; expected " + kKeyPrefix +
-                        "<module>.lora_A.weight, .lora_B.weight or .lora_B.bias");
-    modules.insert(split->first);
-  }
-  if (modules.empty())
-    throw FormatError("PEFT adapter \"" + weights_path + "\" holds no LoRA tensors");
-  out.config.check_modules({modules.begin(), modules.end()}, config_path);
-  for (const auto& m : modules)
-    out.modules.emplace(m, detail::make_adapter<T>(st, out.config, m, weights_path));
-  return out;
+  AdapterConfig config = AdapterConfig::load(config_path);
+  config.require_supported(config_path);
+  return parse_adapter<T>(std::move(config), io::SafeTensors::load(weights_path), dir);
 }
 
 namespace detail {
