@@ -4,6 +4,7 @@
 
 #include "lora/config.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/detail/finite.hpp"
 #include "lora/random.hpp"
 #include "lora/workspace.hpp"
 
@@ -76,6 +77,20 @@ class LoRAAdapter {
 
   /// Trainable parameters: r * (d + k).
   Index parameter_count() const { return A_.size() + B_.size(); }
+
+  /// True when A, B, grad_A and grad_B hold no NaN or infinity. O(r (d + k)): cheap every step.
+  bool all_finite() const {
+    return A_.allFinite() && B_.allFinite() && grad_A_.allFinite() && grad_B_.allFinite();
+  }
+
+  /// Throws std::domain_error naming the first NaN or infinity in A, B, grad_A or grad_B (matrix,
+  /// element, value), e.g. "LoRAAdapter::check_finite: grad_B(3, 0) is nan".
+  void check_finite(const char* where = "LoRAAdapter::check_finite") const {
+    detail::require_finite(where, "A", A_);
+    detail::require_finite(where, "B", B_);
+    detail::require_finite(where, "grad_A", grad_A_);
+    detail::require_finite(where, "grad_B", grad_B_);
+  }
 
   /// H += s * B * (A * X).   X: k x n,  H: d x n,  AX (scratch): r x n, holds A*X afterwards.
   void add_forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
