@@ -24,6 +24,7 @@ class LoRAAdapter {
  public:
   using Scalar = T;
   using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
   using Index = Eigen::Index;
 
   /// A fresh adapter for a d x k weight: A drawn as cfg.init says (seeded), B = 0.
@@ -73,35 +74,78 @@ class LoRAAdapter {
   void zero_grad() {
     grad_A_.setZero(A_.rows(), A_.cols());
     grad_B_.setZero(B_.rows(), B_.cols());
+    grad_lora_bias_.setZero(lora_bias_.size());
   }
 
-  /// Trainable parameters: r * (d + k).
-  Index parameter_count() const { return A_.size() + B_.size(); }
+  /// Trainable parameters: r * (d + k), plus d with a lora bias.
+  Index parameter_count() const { return A_.size() + B_.size() + lora_bias_.size(); }
 
-  /// True when A, B, grad_A and grad_B hold no NaN or infinity. O(r (d + k)): cheap every step.
+  // ---- lora bias (PEFT's `lora_bias=True`) -----------------------------------------------------
+  // B becomes an affine map: the adapter adds s * (B * (A * X) + b_B), so the bias is scaled like
+  // B (PEFT: lora_B(lora_A(x)) * scaling with lora_B = nn.Linear(r, d, bias=True)). A merged layer
+  // folds s * B * A into the weight and still adds s * b_B (see add_lora_bias_term).
+
+  /// True when the adapter carries a bias b_B (length d) on B.
+  bool has_lora_bias() const { return lora_bias_.size() != 0; }
+  const Vector& lora_bias() const { return lora_bias_; }  ///< b_B, length d (or empty)
+  Vector& lora_bias() { return lora_bias_; }
+  const Vector& grad_lora_bias() const { return grad_lora_bias_; }  ///< dL/db_B, accumulated
+  Vector& grad_lora_bias() { return grad_lora_bias_; }
+
+  /// Gives the adapter a bias on B, set to b (length d), with a zero gradient.
+  void set_lora_bias(const Eigen::Ref<const Vector>& b) {
+    detail::require(b.size() == out_features(),
+                    "LoRAAdapter::set_lora_bias: the bias must have "
+                    "length ",
+                    out_features(), " (out_features), got ", b.size());
+    lora_bias_ = b;
+    grad_lora_bias_.setZero(b.size());
+  }
+
+  /// Removes the bias on B.
+  void clear_lora_bias() {
+    lora_bias_.resize(0);
+    grad_lora_bias_.resize(0);
+  }
+
+  /// H += s * b_B on every column (nothing without a lora bias): the bias part of the adapter,
+  /// which a merged weight cannot hold.   H: d x n.
+  void add_lora_bias_term(Eigen::Ref<Matrix> H) const {
+    if (has_lora_bias()) H.colwise() += scaling_ * lora_bias_;
+  }
+
+  /// True when A, B, the lora bias and their gradients hold no NaN or infinity. O(r (d + k)):
+  /// cheap every step.
   bool all_finite() const {
-    return A_.allFinite() && B_.allFinite() && grad_A_.allFinite() && grad_B_.allFinite();
+    return A_.allFinite() && B_.allFinite() && grad_A_.allFinite() && grad_B_.allFinite() &&
+           lora_bias_.allFinite() && grad_lora_bias_.allFinite();
   }
 
-  /// Throws std::domain_error naming the first NaN or infinity in A, B, grad_A or grad_B (matrix,
-  /// element, value), e.g. "LoRAAdapter::check_finite: grad_B(3, 0) is nan".
+  /// Throws std::domain_error naming the first NaN or infinity in A, B, grad_A, grad_B, the lora
+  /// bias or its gradient (matrix, element, value), e.g. "LoRAAdapter::check_finite: grad_B(3, 0)
+  /// is nan".
   void check_finite(const char* where = "LoRAAdapter::check_finite") const {
     detail::require_finite(where, "A", A_);
     detail::require_finite(where, "B", B_);
     detail::require_finite(where, "grad_A", grad_A_);
     detail::require_finite(where, "grad_B", grad_B_);
+    detail::require_finite(where, "lora_bias", lora_bias_);
+    detail::require_finite(where, "grad_lora_bias", grad_lora_bias_);
   }
 
-  /// H += s * B * (A * X).   X: k x n,  H: d x n,  AX (scratch): r x n, holds A*X afterwards.
+  /// H += s * B * (A * X) (+ s * b_B with a lora bias).   X: k x n,  H: d x n,  AX (scratch): r x
+  /// n, holds A*X afterwards.
   void add_forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
                    Eigen::Ref<Matrix> AX) const {
     AX.noalias() = A_ * X;              // (r x k)(k x n): r*k*n
     H.noalias() += scaling_ * B_ * AX;  // (d x r)(r x n): d*r*n
+    add_lora_bias_term(H);
   }
 
   /// Accumulates the gradients of L for G = dL/dH (cost O(n * r * (d + k)), no d x k matrix):
   ///   dB += s * G * (A X)^T              (d x n)(n x r)
   ///   dA += s * (B^T G) * X^T            (r x n)(n x k)
+  ///   db_B += s * G * 1                  (with a lora bias: the row sums of G)
   /// AX and BtG are r x n scratch; BtG holds B^T G afterwards, for add_input_gradient.
   void accumulate_gradients(const Eigen::Ref<const Matrix>& X, const Eigen::Ref<const Matrix>& G,
                             Eigen::Ref<Matrix> AX, Eigen::Ref<Matrix> BtG) {
@@ -109,6 +153,7 @@ class LoRAAdapter {
     BtG.noalias() = B_.transpose() * G;  // (r x d)(d x n)
     grad_B_.noalias() += scaling_ * G * AX.transpose();
     grad_A_.noalias() += scaling_ * BtG * X.transpose();
+    if (has_lora_bias()) grad_lora_bias_.noalias() += scaling_ * G.rowwise().sum();  // s * G * 1
   }
 
   /// dX += s * A^T * (B^T G): the adapter's share of dL/dX.   BtG: r x n,  dX: k x n.
@@ -120,6 +165,7 @@ class LoRAAdapter {
   LoRAConfig config_;
   T scaling_{};
   Matrix A_, B_, grad_A_, grad_B_;
+  Vector lora_bias_, grad_lora_bias_;  // empty without a lora bias
 };
 
 }  // namespace lora

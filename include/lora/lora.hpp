@@ -8,3 +8,9 @@
 #include "lora/random.hpp"
 #include "lora/version.hpp"
 #include "lora/workspace.hpp"
+// Many adapters on one base, adapter files (safetensors writing, PEFT adapter directories).
+#include "lora/io/safetensors_writer.hpp"
+#include "lora/multi_lora_linear.hpp"
+#include "lora/peft/adapter_config.hpp"
+#include "lora/peft/adapter_io.hpp"
+#include "lora/weighted_adapter.hpp"

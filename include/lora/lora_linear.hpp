@@ -80,6 +80,19 @@ class LoRALinear {
   }
 
   const Adapter& adapter() const { return adapter_; }
+
+  /// Replaces the whole adapter (for example with one loaded from a PEFT file, whose rank and
+  /// scaling may differ from the layer's first config). Its shapes must fit W0: B is d x r, A is
+  /// r x k. Throws std::logic_error while merged.
+  void set_adapter(Adapter adapter) {
+    mutable_adapter("LoRALinear::set_adapter");
+    detail::require(
+        adapter.out_features() == out_features() && adapter.in_features() == in_features(),
+        "LoRALinear::set_adapter: the adapter is for a ",
+        detail::shape_string(adapter.out_features(), adapter.in_features()),
+        " weight, this layer's W0 is ", detail::shape_string(out_features(), in_features()));
+    adapter_ = std::move(adapter);
+  }
   const Frozen& frozen() const { return frozen_; }
   bool has_bias() const { return bias_.size() != 0; }
   const Vector& bias() const { return bias_; }  ///< length d, or empty
@@ -111,7 +124,10 @@ class LoRALinear {
     detail::require_no_alias("LoRALinear::forward", "H", H, "X", X);
     frozen_.multiply(X, H);  // (d x k)(k x n): the cost of the layer
     if (has_bias()) H.colwise() += bias_;
-    if (!frozen_.is_merged()) adapter_.add_forward(X, H, ws.get(0, rank(), X.cols()));
+    if (!frozen_.is_merged())
+      adapter_.add_forward(X, H, ws.get(0, rank(), X.cols()));
+    else
+      adapter_.add_lora_bias_term(H);  // s * b_B: the part of a lora bias W cannot hold
   }
 
   // ---- backward ------------------------------------------------------------------------------

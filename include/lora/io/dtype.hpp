@@ -119,4 +119,27 @@ inline std::uint16_t float_to_f16(float f) {
   return static_cast<std::uint16_t>(sign | (h >> 13));
 }
 
+/// double to float rounded to odd: truncate toward zero, then set the lowest mantissa bit when
+/// anything was cut off. Rounding that float again to a format with at least two fewer mantissa
+/// bits (bf16: 7, f16: 10, float: 23) gives the correctly rounded result of the double, with no
+/// double-rounding error (Boldo & Melquiond, "When double rounding is odd", 2005).
+inline float double_to_float_round_to_odd(double d) {
+  float f = static_cast<float>(d);  // round to nearest even
+  if (std::isnan(d) || static_cast<double>(f) == d) return f;
+  if (std::isinf(f)) return f;  // beyond float's range: every narrower format overflows too
+  // f is the nearest float; the truncated value is f, or its neighbour toward zero.
+  if (std::fabs(static_cast<double>(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
+  return bits_float(float_bits(f) | 1u);
+}
+
+/// double to bfloat16, correctly rounded (nearest, ties to even).
+inline std::uint16_t double_to_bf16(double d) {
+  return float_to_bf16(double_to_float_round_to_odd(d));
+}
+
+/// double to IEEE binary16, correctly rounded (nearest, ties to even).
+inline std::uint16_t double_to_f16(double d) {
+  return float_to_f16(double_to_float_round_to_odd(d));
+}
+
 }  // namespace lora::io
