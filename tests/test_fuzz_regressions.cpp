@@ -2,6 +2,7 @@
 // the same harness the fuzz target runs, and pins the hostile inputs found while fuzzing that are
 // too large to keep as files. Under the `asan` preset this is the fuzzer's check, without
 // libFuzzer.
+#include "peft_adapter_harness.hpp"
 #include "safetensors_harness.hpp"
 #include "test_helpers.hpp"
 
@@ -61,6 +62,38 @@ TEST(FuzzRegressions, EverySeedIsAValidFile) {
     SCOPED_TRACE(f.string());
     const auto bytes = lora::test::read_bytes(f.string());
     EXPECT_NO_THROW(lora::fuzz::exercise_safetensors(bytes.data(), bytes.size()));
+  }
+}
+
+/// The PEFT harness's scratch directory for the two files it writes.
+std::string peft_scratch() {
+  const std::string dir = std::string(LORA_TEST_TMP_DIR) + "/fuzz_regressions_peft";
+  fs::create_directories(dir);
+  return dir;
+}
+
+TEST(FuzzRegressions, EveryPeftAdapterRegressionIsAcceptedOrAFormatError) {
+  const fs::path dir = fs::path(LORA_FUZZ_DIR) / "regressions" / "peft_adapter";
+  if (!fs::exists(dir)) GTEST_SKIP() << "no PEFT adapter input has failed yet";
+  for (const auto& f : files_in(dir)) {
+    SCOPED_TRACE(f.string());
+    const auto bytes = lora::test::read_bytes(f.string());
+    try {
+      lora::fuzz::exercise_peft_adapter(bytes.data(), bytes.size(), peft_scratch());
+    } catch (const FormatError&) {
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << e.what() << " is not a lora::io::FormatError";
+    }
+  }
+}
+
+TEST(FuzzRegressions, EveryPeftAdapterSeedIsAValidAdapter) {
+  const auto files = files_in(fs::path(LORA_FUZZ_DIR) / "seeds" / "peft_adapter", ".bin");
+  ASSERT_GE(files.size(), 6u);
+  for (const auto& f : files) {
+    SCOPED_TRACE(f.string());
+    const auto bytes = lora::test::read_bytes(f.string());
+    EXPECT_NO_THROW(lora::fuzz::exercise_peft_adapter(bytes.data(), bytes.size(), peft_scratch()));
   }
 }
 
