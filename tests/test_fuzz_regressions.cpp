@@ -87,6 +87,23 @@ TEST(FuzzRegressions, EveryPeftAdapterRegressionIsAcceptedOrAFormatError) {
   }
 }
 
+// Found while fuzzing the PEFT loader (hand-made inputs through the harness, under ASan), both
+// stack overflows: json::dump() of a 30,000-deep "r" in an error message (configs deeper than 64
+// levels are now refused while parsing), and std::regex_match recursing once per character of a
+// 40,000- character module path (paths are now limited to 1,024 characters; at the limit they still
+// load).
+TEST(FuzzRegressions, HostilePeftConfigsAreRefusedAndPathsAtTheLimitLoad) {
+  const fs::path dir = fs::path(LORA_FUZZ_DIR) / "regressions" / "peft_adapter";
+  auto run = [&](const char* name) {
+    const auto bytes = lora::test::read_bytes((dir / name).string());
+    lora::fuzz::exercise_peft_adapter(bytes.data(), bytes.size(), peft_scratch());
+  };
+  EXPECT_THROW(run("config-nested-30000-deep.bin"), FormatError);
+  EXPECT_THROW(run("module-path-40000-chars-regex-recursion.bin"), FormatError);
+  EXPECT_NO_THROW(run("module-path-at-1024-limit.bin"));
+  EXPECT_NO_THROW(run("module-path-at-1024-limit-dot-star.bin"));
+}
+
 TEST(FuzzRegressions, EveryPeftAdapterSeedIsAValidAdapter) {
   const auto files = files_in(fs::path(LORA_FUZZ_DIR) / "seeds" / "peft_adapter", ".bin");
   ASSERT_GE(files.size(), 6u);

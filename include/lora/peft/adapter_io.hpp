@@ -44,6 +44,8 @@ inline constexpr const char* kWeightsFileName = "adapter_model.safetensors";
 /// PEFT's prefix of every key: PeftModel.base_model (LoraModel) .model (the user's model).
 inline constexpr const char* kKeyPrefix = "base_model.model.";
 
+/// The longest module path read_adapter accepts.
+inline constexpr std::size_t kMaxModulePathLength = 1024;
 /// PEFT's key of a module's tensor: key_of("model.layers.0.self_attn.q_proj", "lora_A.weight").
 inline std::string key_of(const std::string& module, const char* tensor) {
   return std::string(kKeyPrefix) + module + "." + tensor;
@@ -152,6 +154,13 @@ AdapterFile<T> read_adapter(const std::string& dir) {
       throw FormatError("PEFT adapter \"" + weights_path + "\": unexpected key \"" + key +
                         "\"; expected " + kKeyPrefix +
                         "<module>.lora_A.weight, .lora_B.weight or .lora_B.bias");
+    // std::regex matches by recursion as deep as the string is long: a hostile path of tens of
+    // thousands of characters would overflow the stack inside the config's patterns. Real module
+    // paths ("model.layers.31.self_attn.q_proj") are far shorter than the limit.
+    if (split->first.size() > kMaxModulePathLength)
+      throw FormatError("PEFT adapter \"" + weights_path + "\": a module path of " +
+                        std::to_string(split->first.size()) + " characters; at most " +
+                        std::to_string(kMaxModulePathLength) + " are accepted");
     modules.insert(split->first);
   }
   if (modules.empty())
