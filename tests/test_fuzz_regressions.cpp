@@ -65,9 +65,11 @@ TEST(FuzzRegressions, EverySeedIsAValidFile) {
   }
 }
 
-/// The PEFT harness's scratch directory for the two files it writes.
+/// The PEFT harness's scratch directory for the two files it writes: one per test, because ctest
+/// runs the tests of this binary in parallel processes.
 std::string peft_scratch() {
-  const std::string dir = std::string(LORA_TEST_TMP_DIR) + "/fuzz_regressions_peft";
+  const std::string dir = std::string(LORA_TEST_TMP_DIR) + "/fuzz_regressions_peft_" +
+                          ::testing::UnitTest::GetInstance()->current_test_info()->name();
   fs::create_directories(dir);
   return dir;
 }

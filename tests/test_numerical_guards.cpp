@@ -268,3 +268,29 @@ TEST(ExtremeShapes, EmptyBatchThroughEveryOverloadLeavesGradientsUnchanged) {
 }
 
 }  // namespace
+
+namespace {
+
+// MultiLoRALinear::set_active while merged: a new adapter whose merge overflows is refused and the
+// old one stays merged (the weight is W0 + the old delta again).
+TEST(NonFinite, SwitchingToAnAdapterWhoseMergeOverflowsChangesNothing) {
+  MatrixXf W0 = MatrixXf::Ones(3, 2);
+  W0(0, 1) = 3e38f;
+  lora::MultiLoRALinear<float> layer(W0);
+  lora::LoRAAdapter<float> good(3, 2, config(1, 1.0)), bad(3, 2, config(1, 1.0));
+  good.A().setConstant(0.5f);
+  good.B().setConstant(2.0f);  // delta = 1 everywhere
+  bad.A().setOnes();
+  bad.B().setConstant(1e38f);  // (0, 1): 3e38 + 1e38 overflows float
+  layer.add_adapter("good", good);
+  layer.add_adapter("bad", bad);
+  layer.set_active("good");
+  layer.merge();
+  const MatrixXf merged = layer.weight();
+  EXPECT_THROW(layer.set_active("bad"), std::domain_error);
+  EXPECT_EQ(layer.active_name(), "good");
+  EXPECT_TRUE(layer.is_merged());
+  EXPECT_TRUE((layer.weight().array() == merged.array()).all());
+}
+
+}  // namespace
