@@ -4,6 +4,7 @@
 
 #include "lora/config.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/detail/finite.hpp"
 #include "lora/detail/gemm.hpp"
 #include "lora/detail/low_rank.hpp"
 #include "lora/random.hpp"
@@ -112,6 +113,25 @@ class LoRAAdapter {
   /// which a merged weight cannot hold.   H: d x n.
   void add_lora_bias_term(Eigen::Ref<Matrix> H) const {
     if (has_lora_bias()) H.colwise() += scaling_ * lora_bias_;
+  }
+
+  /// True when A, B, the lora bias and their gradients hold no NaN or infinity. O(r (d + k)):
+  /// cheap every step.
+  bool all_finite() const {
+    return A_.allFinite() && B_.allFinite() && grad_A_.allFinite() && grad_B_.allFinite() &&
+           lora_bias_.allFinite() && grad_lora_bias_.allFinite();
+  }
+
+  /// Throws std::domain_error naming the first NaN or infinity in A, B, grad_A, grad_B, the lora
+  /// bias or its gradient (matrix, element, value), e.g. "LoRAAdapter::check_finite: grad_B(3, 0)
+  /// is nan".
+  void check_finite(const char* where = "LoRAAdapter::check_finite") const {
+    detail::require_finite(where, "A", A_);
+    detail::require_finite(where, "B", B_);
+    detail::require_finite(where, "grad_A", grad_A_);
+    detail::require_finite(where, "grad_B", grad_B_);
+    detail::require_finite(where, "lora_bias", lora_bias_);
+    detail::require_finite(where, "grad_lora_bias", grad_lora_bias_);
   }
 
   /// H += s * B * (A * X) (+ s * b_B with a lora bias).

@@ -17,6 +17,7 @@
 
 #include "lora/config.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/detail/finite.hpp"
 #include "lora/detail/gemm.hpp"
 #include "lora/detail/low_rank.hpp"
 
@@ -75,14 +76,27 @@ class DenseFrozenWeight {
 
   /// W = W0 + s * B * A (B: d x r, A: r x k), without a d x k temporary. In ExactRestore mode the
   /// merged weight is built in a second buffer and W0 is kept untouched beside it.
+  /// Throws std::domain_error, leaving the weight as it was, when the sum overflows T where W0 was
+  /// finite (an infinity would survive unmerge() and corrupt W0 for good). In InPlace mode a cheap
+  /// O(r (d + k)) bound proves that impossible for any sane weight; only when the values come
+  /// within a factor 4 of T's largest is the sum built aside in a d x k temporary and checked.
   void merge(T s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A) {
     detail::require_state(!merged_, "DenseFrozenWeight::merge: a delta is already merged");
     if (mode_ == MergeMode::ExactRestore) {
       spare_.resize(weight_.rows(), weight_.cols());  // allocates on the first merge only
       detail::add_low_rank(spare_, weight_, s, B, A);
+      detail::require_update_finite("DenseFrozenWeight::merge", spare_, weight_);
       weight_.swap(spare_);  // spare_ now holds the pristine W0
     } else {
-      detail::add_low_rank(weight_, weight_, s, B, A);
+      if (w0_max_abs_ < 0) w0_max_abs_ = detail::max_abs_finite(weight_);  // W is W0 here
+      if (detail::update_surely_finite<T>(w0_max_abs_, detail::low_rank_abs_bound(s, B, A))) {
+        detail::add_low_rank(weight_, weight_, s, B, A);
+      } else {
+        Matrix merged(weight_.rows(), weight_.cols());
+        detail::add_low_rank(merged, weight_, s, B, A);
+        detail::require_update_finite("DenseFrozenWeight::merge", merged, weight_);
+        weight_.swap(merged);
+      }
     }
     merged_ = true;
   }
@@ -103,6 +117,7 @@ class DenseFrozenWeight {
   Matrix spare_;  // ExactRestore: the pristine W0 while merged
   MergeMode mode_;
   bool merged_ = false;
+  double w0_max_abs_ = -1;  // InPlace: max |W0| over finite elements, measured at the first merge
 };
 
 }  // namespace lora

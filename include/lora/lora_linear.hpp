@@ -6,6 +6,7 @@
 #include "lora/config.hpp"
 #include "lora/dense_frozen_weight.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/detail/finite.hpp"
 #include "lora/random.hpp"
 #include "lora/workspace.hpp"
 
@@ -245,7 +246,8 @@ class LoRALinear {
   // ---- merge -----------------------------------------------------------------------------------
 
   /// Folds s*B*A into the weight so that forward costs exactly a dense layer. A no-op when already
-  /// merged. Throws std::domain_error, leaving the weight untouched, if A, B or s is not finite.
+  /// merged. Throws std::domain_error, leaving the weight untouched, if A, B or s is not finite or
+  /// if W0 + s*B*A overflows where W0 is finite.
   void merge() {
     if (frozen_.is_merged()) return;
     if (!std::isfinite(static_cast<double>(scaling())) || !adapter_.A().allFinite() ||
@@ -264,6 +266,25 @@ class LoRALinear {
   }
 
   bool is_merged() const { return frozen_.is_merged(); }
+
+  // ---- numerical health --------------------------------------------------------------------
+
+  /// True when A, B, their gradients, the bias and the weight in use hold no NaN or infinity.
+  /// O(d k), a fraction of one forward pass; adapter().all_finite() is the O(r (d + k)) check.
+  bool all_finite() const {
+    return adapter_.all_finite() && bias_.allFinite() && frozen_.weight().allFinite();
+  }
+
+  /// Throws std::domain_error naming the first NaN or infinity (matrix, element, value) among A, B,
+  /// grad_A, grad_B, the bias and the weight in use. Call it after backward() and before the
+  /// optimiser step to stop a diverging run where it starts. The library never lets a non-finite
+  /// value reach W0 by itself: merge() refuses a non-finite adapter and an overflowing sum.
+  void check_finite() const {
+    adapter_.check_finite("LoRALinear::check_finite");
+    detail::require_finite("LoRALinear::check_finite", "bias", bias_);
+    detail::require_finite("LoRALinear::check_finite", is_merged() ? "merged weight" : "W0",
+                           frozen_.weight());
+  }
 
  private:
   // Keeps the dropout stream apart from A's draw, which uses config.seed itself.

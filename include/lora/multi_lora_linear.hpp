@@ -130,15 +130,22 @@ class MultiLoRALinear {
 
   /// Makes `name` the adapter forward applies. While unmerged this is O(1) and W0 is not touched;
   /// while merged, the old adapter is unmerged and the new one merged (throws std::domain_error,
-  /// changing nothing, when the new adapter is not finite).
+  /// changing nothing, when the new adapter is not finite or its merge would overflow).
   void set_active(const std::string& name) {
     const int i = index_or_throw("MultiLoRALinear::set_active", name);
     if (i == active_) return;
     if (is_merged()) {
       require_finite(*entries_[static_cast<std::size_t>(i)], "MultiLoRALinear::set_active");
+      const int old = active_;
       unmerge();
       active_ = i;
-      merge();
+      try {
+        merge();  // may still refuse: W0 + s B A can overflow although A and B are finite
+      } catch (const std::domain_error&) {
+        active_ = old;
+        merge();  // the old adapter was merged a moment ago: put it back, changing nothing
+        throw;
+      }
     } else {
       active_ = i;
     }

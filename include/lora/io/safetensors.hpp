@@ -30,19 +30,6 @@ class FormatError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-/// One tensor's entry in the header. begin/end index the data section (after the header).
-struct TensorInfo {
-  DType dtype = DType::F32;
-  std::vector<std::int64_t> shape;
-  std::size_t begin = 0, end = 0;
-
-  std::int64_t numel() const {
-    std::int64_t n = 1;
-    for (auto s : shape) n *= s;
-    return n;
-  }
-};
-
 inline std::string shape_to_string(const std::vector<std::int64_t>& shape) {
   std::ostringstream s;
   s << '[';
@@ -50,6 +37,26 @@ inline std::string shape_to_string(const std::vector<std::int64_t>& shape) {
   s << ']';
   return s.str();
 }
+
+/// One tensor's entry in the header. begin/end index the data section (after the header).
+struct TensorInfo {
+  DType dtype = DType::F32;
+  std::vector<std::int64_t> shape;
+  std::size_t begin = 0, end = 0;
+
+  /// The element count. A shape with a zero dimension has none, however large the others are
+  /// (e.g. [2^62, 3, 0]); otherwise a count that does not fit in int64 throws FormatError.
+  std::int64_t numel() const {
+    if (std::find(shape.begin(), shape.end(), 0) != shape.end()) return 0;
+    std::int64_t n = 1;
+    for (auto s : shape) {
+      if (s < 0 || n > std::numeric_limits<std::int64_t>::max() / s)
+        throw FormatError("safetensors: shape " + shape_to_string(shape) + " overflows");
+      n *= s;
+    }
+    return n;
+  }
+};
 
 /// The largest header the reference implementation accepts (100 MB): a longer one is an attack or
 /// a corrupt length, not a real file.
@@ -222,6 +229,20 @@ class SafeTensors {
              "\" overlap in the data section");
   }
 
+  /// A JSON value from the file, for an error message: its text when short and flat, otherwise
+  /// only its type and size. json::dump() recurses once per nesting level, so dumping a hostile
+  /// `[[[[...` header would overflow the stack, and a huge value would make a huge message.
+  static std::string brief(const nlohmann::json& v) {
+    const bool flat =
+        std::none_of(v.begin(), v.end(), [](const nlohmann::json& e) { return e.is_structured(); });
+    if (!v.is_structured() || (flat && v.size() <= 4)) {
+      std::string text = v.dump();
+      if (text.size() > 80) text = text.substr(0, 77) + "...";
+      return text;
+    }
+    return std::string("an ") + v.type_name() + " of " + std::to_string(v.size()) + " elements";
+  }
+
   TensorInfo parse_entry(const std::string& name, const nlohmann::json& v,
                          std::size_t data_size) const {
     const std::string where = "tensor \"" + name + "\": ";
@@ -243,21 +264,24 @@ class SafeTensors {
       const auto dim = d.get<std::uint64_t>();
       if (dim > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) ||
           (dim != 0 && numel > std::numeric_limits<std::uint64_t>::max() / dim))
-        fail(where + "shape " + shape.dump() + " overflows");
+        fail(where + "shape " + brief(shape) + " overflows");
       numel *= dim;
       t.shape.push_back(static_cast<std::int64_t>(dim));
     }
     const auto& off = v["data_offsets"];
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() ||
         !off[1].is_number_unsigned())
-      fail(where + "data_offsets must be two non-negative integers, got " + off.dump());
+      fail(where + "data_offsets must be two non-negative integers, got " + brief(off));
     const auto begin = off[0].get<std::uint64_t>(), end = off[1].get<std::uint64_t>();
-    if (begin > end) fail(where + "data_offsets " + off.dump() + " end before they begin");
+    if (begin > end) fail(where + "data_offsets " + brief(off) + " end before they begin");
     if (end > data_size)
-      fail(where + "data_offsets " + off.dump() + " run past the data section (" +
+      fail(where + "data_offsets " + brief(off) + " run past the data section (" +
            std::to_string(data_size) + " bytes)");
     const std::uint64_t elem = dtype_size(t.dtype);
-    if (numel > std::numeric_limits<std::uint64_t>::max() / elem || numel * elem != end - begin)
+    if (numel > std::numeric_limits<std::uint64_t>::max() / elem)
+      fail(where + "shape " + shape_to_string(t.shape) + " of " + dtype_name(t.dtype) +
+           " needs more than 2^64 bytes");
+    if (numel * elem != end - begin)
       fail(where + "shape " + shape_to_string(t.shape) + " of " + dtype_name(t.dtype) + " needs " +
            std::to_string(numel * elem) + " bytes, data_offsets span " +
            std::to_string(end - begin));

@@ -124,13 +124,25 @@ struct AdapterConfig {
     return c;
   }
 
+  /// The deepest nesting load() accepts.
+  static constexpr int kMaxConfigDepth = 64;
+
   /// Reads `path` (an adapter_config.json). Throws FormatError when it cannot be read or parsed.
   static AdapterConfig load(const std::string& path) {
     std::ifstream in(path);
     if (!in) throw FormatError("adapter config: cannot open \"" + path + "\" for reading");
     nlohmann::ordered_json j;
     try {
-      j = nlohmann::ordered_json::parse(in);
+      // Real configs nest 3 levels deep. Refuse deeper ones while parsing (the parser itself is
+      // iterative): json::dump() recurses once per level, so a hostile `[[[[...` value would
+      // overflow the stack later, in an error message or in save_adapter.
+      j = nlohmann::ordered_json::parse(
+          in, [&path](int depth, nlohmann::ordered_json::parse_event_t, nlohmann::ordered_json&) {
+            if (depth > kMaxConfigDepth)
+              throw FormatError("adapter config \"" + path + "\" nests deeper than " +
+                                std::to_string(kMaxConfigDepth) + " levels");
+            return true;
+          });
     } catch (const nlohmann::json::exception& e) {
       throw FormatError("adapter config \"" + path + "\" is not valid JSON: " + e.what());
     }

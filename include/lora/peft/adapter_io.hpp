@@ -45,6 +45,8 @@ inline constexpr const char* kWeightsFileName = "adapter_model.safetensors";
 /// PEFT's prefix of every key: PeftModel.base_model (LoraModel) .model (the user's model).
 inline constexpr const char* kKeyPrefix = "base_model.model.";
 
+/// The longest module path read_adapter accepts.
+inline constexpr std::size_t kMaxModulePathLength = 1024;
 /// PEFT's key of a module's tensor: key_of("model.layers.0.self_attn.q_proj", "lora_A.weight").
 inline std::string key_of(const std::string& module, const char* tensor) {
   return std::string(kKeyPrefix) + module + "." + tensor;
@@ -132,10 +134,6 @@ LoRAAdapter<T> make_adapter(const io::SafeTensors& st, const AdapterConfig& conf
 }  // namespace detail
 
 // ---- reading ------------------------------------------------------------------------------------
-
-/// The longest module path accepted (PEFT's keys are regexes matched against paths; a bound keeps
-/// the matching cheap and its recursion shallow on hostile files).
-inline constexpr std::size_t kMaxModulePathLength = 1024;
 
 /// Checks and converts an adapter held in memory: `config` (an AdapterConfig already parsed) and
 /// the safetensors file `weights`; `source` names it in messages. See read_adapter.
