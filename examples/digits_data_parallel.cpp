@@ -23,6 +23,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <cstdarg>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -55,10 +56,13 @@ int world_rank() {
   return r;
 }
 
-// Prints on rank 0 only.
-template <typename... Args>
-void say(const char* format, Args... args) {
-  if (world_rank() == 0) std::printf(format, args...);
+// Prints on rank 0 only (printf-checked by the compiler).
+__attribute__((format(printf, 1, 2))) void say(const char* format, ...) {
+  if (world_rank() != 0) return;
+  std::va_list args;
+  va_start(args, format);
+  std::vprintf(format, args);
+  va_end(args);
 }
 
 /// AdamW over shuffled global batches of kGlobalBatch columns, each cut into `slices` slices

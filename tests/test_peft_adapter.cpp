@@ -471,9 +471,10 @@ TEST(PeftAdapter, CorruptWeightFilesAreClearErrors) {
       {edited("\"shape\":[4,32]", "\"shape\":[2,64]"), "their ranks differ"},
       {std::vector<std::uint8_t>(good.begin(), good.begin() + 5), "shorter than the 8-byte"},
   };
-  for (const auto& [bytes, message] : cases) {
-    SCOPED_TRACE(message);
-    expect_error([&] { lora::peft::parse_adapter<float>(config, bytes, "corrupt"); }, message);
+  for (const auto& c : cases) {
+    const auto& bytes = c.first;  // a named reference: lambdas cannot capture bindings in C++17
+    SCOPED_TRACE(c.second);
+    expect_error([&] { lora::peft::parse_adapter<float>(config, bytes, "corrupt"); }, c.second);
   }
 }
 
