@@ -59,14 +59,8 @@ class LoRALinear {
 
   /// As above, with a frozen bias b of length d.
   LoRALinear(Matrix W0, Vector bias, const LoRAConfig& config)
-      : frozen_(checked_weight(std::move(W0), config), config.merge_mode),
-        bias_(std::move(bias)),
-        adapter_(frozen_.out_features(), frozen_.in_features(), config),
-        dropout_rng_(config.seed + kDropoutSeedOffset) {
-    detail::require(bias_.size() == 0 || bias_.size() == out_features(),
-                    "LoRALinear: bias must have length ", out_features(), " (out_features), got ",
-                    bias_.size());
-  }
+      : LoRALinear(Frozen(checked_weight(std::move(W0), config), config.merge_mode),
+                   std::move(bias), config) {}
 
   /// Wraps a frozen storage built by the caller, e.g.
   /// `Bf16FrozenWeight(W0, MergeMode::InPlace, Bf16Backend::Portable)`; bias: length d or empty.
@@ -159,9 +153,7 @@ class LoRALinear {
 
   /// As above into H (d x n, must not overlap X); allocation-free once ws has grown.
   void forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H, WorkspaceType& ws) const {
-    detail::require_rows("LoRALinear::forward", "X", X, in_features(), "in_features");
-    detail::require_shape("LoRALinear::forward", "H", H, out_features(), X.cols());
-    detail::require_no_alias("LoRALinear::forward", "H", H, "X", X);
+    detail::require_forward_args("LoRALinear::forward", X, H, out_features(), in_features());
     if (frozen_.is_merged()) {
       // Exactly a dense layer, plus s * b_B for PEFT's lora_bias (a weight cannot hold it).
       if (has_bias()) {
@@ -202,9 +194,7 @@ class LoRALinear {
   void backward(const Eigen::Ref<const Matrix>& X, const Eigen::Ref<const Matrix>& G,
                 Eigen::Ref<Matrix> dX, WorkspaceType& ws) {
     check_backward_args("LoRALinear::backward", X, G);
-    detail::require_shape("LoRALinear::backward", "dX", dX, in_features(), X.cols());
-    detail::require_no_alias("LoRALinear::backward", "dX", dX, "X", X);
-    detail::require_no_alias("LoRALinear::backward", "dX", dX, "G", G);
+    detail::require_input_gradient_arg("LoRALinear::backward", dX, X, G);
     auto BtG = ws.get(1, rank(), X.cols());
     if (!dropout_active()) {
       adapter_.accumulate_gradients(X, G, ws.get(0, rank(), X.cols()), BtG);
@@ -331,8 +321,7 @@ class LoRALinear {
   void check_backward_args(const char* where, const Eigen::Ref<const Matrix>& X,
                            const Eigen::Ref<const Matrix>& G) {
     mutable_adapter(where);
-    detail::require_rows(where, "X", X, in_features(), "in_features");
-    detail::require_shape(where, "G", G, out_features(), X.cols());
+    detail::require_backward_args(where, X, G, out_features(), in_features());
   }
 
   Frozen frozen_;

@@ -194,13 +194,17 @@ class MultiLoRALinear {
 
   /// As above into H (d x n, must not overlap X); allocation-free once ws has grown.
   void forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H, WorkspaceType& ws) const {
-    base_forward("MultiLoRALinear::forward", X, H);
-    if (active_ < 0) return;
-    const Adapter& a = entries_[static_cast<std::size_t>(active_)]->adapter;
-    if (is_merged())
-      a.add_lora_bias_term(H);  // s * b_B: the part of a lora bias the weight cannot hold
-    else
-      a.add_forward(X, H, ws.get(0, a.rank(), X.cols()));
+    detail::require_forward_args("MultiLoRALinear::forward", X, H, out_features(), in_features());
+    if (active_ < 0 || is_merged()) {
+      base_forward(X, H);
+      // s * b_B: the part of a merged adapter's lora bias that the weight cannot hold.
+      if (active_ >= 0) active().adapter.add_lora_bias_term(H);
+      return;
+    }
+    // As LoRALinear: H = s B (A X) + b in one pass, then the frozen product accumulates on top.
+    const Adapter& a = active().adapter;
+    a.assign_forward(X, H, ws.get(0, a.rank(), X.cols()), bias_);
+    frozen_.multiply_add(X, H);  // (d x k)(k x n): the cost of the layer
   }
 
   /// A mixed-adapter batch: column j of X goes through adapter `adapters[j]` (an adapter_index, or
@@ -228,7 +232,8 @@ class MultiLoRALinear {
       detail::require(adapters[j] == kNoAdapter || (adapters[j] >= 0 && adapters[j] < count), where,
                       ": column ", j, " names adapter ", adapters[j], "; valid are 0..", count - 1,
                       " and kNoAdapter (-1)");
-    base_forward(where, X, H);
+    detail::require_forward_args(where, X, H, out_features(), in_features());
+    base_forward(X, H);
     for (int a = 0; a < count; ++a) {
       Index n_a = 0;
       for (int idx : adapters) n_a += idx == a;
@@ -262,15 +267,12 @@ class MultiLoRALinear {
                 Eigen::Ref<Matrix> dX, WorkspaceType& ws) {
     const char* where = "MultiLoRALinear::backward";
     Adapter& a = adapter(active_name());  // throws when none is active or it is merged
-    detail::require_rows(where, "X", X, in_features(), "in_features");
-    detail::require_shape(where, "G", G, out_features(), X.cols());
-    detail::require_shape(where, "dX", dX, in_features(), X.cols());
-    detail::require_no_alias(where, "dX", dX, "X", X);
-    detail::require_no_alias(where, "dX", dX, "G", G);
+    detail::require_backward_args(where, X, G, out_features(), in_features());
+    detail::require_input_gradient_arg(where, dX, X, G);
     auto BtG = ws.get(1, a.rank(), X.cols());
     a.accumulate_gradients(X, G, ws.get(0, a.rank(), X.cols()), BtG);
-    frozen_.multiply_transposed(G, dX);  // (k x d)(d x n)
-    a.add_input_gradient(BtG, dX);       // (k x r)(r x n)
+    a.assign_input_gradient(BtG, dX);        // dX = s A^T (B^T G): (k x r)(r x n)
+    frozen_.multiply_transposed_add(G, dX);  // dX += W0^T G: (k x d)(d x n)
   }
 
   // ---- combinations
@@ -335,14 +337,14 @@ class MultiLoRALinear {
                                              "\" is not finite; the weight was left as it was"));
   }
 
-  /// H = W X + b, with the argument checks every forward shares.
-  void base_forward(const char* where, const Eigen::Ref<const Matrix>& X,
-                    Eigen::Ref<Matrix> H) const {
-    detail::require_rows(where, "X", X, in_features(), "in_features");
-    detail::require_shape(where, "H", H, out_features(), X.cols());
-    detail::require_no_alias(where, "H", H, "X", X);
-    frozen_.multiply(X, H);  // (d x k)(k x n): the one dense product of the batch
-    if (has_bias()) H.colwise() += bias_;
+  /// H = W X + b: the one dense product of the batch, (d x k)(k x n).
+  void base_forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
+    if (has_bias()) {
+      H.colwise() = bias_;
+      frozen_.multiply_add(X, H);
+    } else {
+      frozen_.multiply(X, H);
+    }
   }
 
   Frozen frozen_;

@@ -88,3 +88,35 @@ void require_no_alias(const char* where, const char* out_name, const Out& out, c
 }
 
 }  // namespace lora::detail
+
+namespace lora::detail {
+
+// The argument checks that every layer (LoRALinear, MultiLoRALinear) shares. The layer has a d x k
+// weight; X is k x n with any batch n.
+
+/// forward: X is k x n, H is d x n and shares no memory with X.
+template <typename In, typename Out>
+void require_forward_args(const char* where, const In& X, const Out& H, Eigen::Index d,
+                          Eigen::Index k) {
+  require_rows(where, "X", X, k, "in_features");
+  require_shape(where, "H", H, d, X.cols());
+  require_no_alias(where, "H", H, "X", X);
+}
+
+/// backward's inputs: X is k x n and G = dL/dH is d x n.
+template <typename In, typename Grad>
+void require_backward_args(const char* where, const In& X, const Grad& G, Eigen::Index d,
+                           Eigen::Index k) {
+  require_rows(where, "X", X, k, "in_features");
+  require_shape(where, "G", G, d, X.cols());
+}
+
+/// backward's output dX = dL/dX: k x n like X, and apart from both X and G.
+template <typename Out, typename In, typename Grad>
+void require_input_gradient_arg(const char* where, const Out& dX, const In& X, const Grad& G) {
+  require_shape(where, "dX", dX, X.rows(), X.cols());
+  require_no_alias(where, "dX", dX, "X", X);
+  require_no_alias(where, "dX", dX, "G", G);
+}
+
+}  // namespace lora::detail
