@@ -139,19 +139,6 @@ double accuracy(const Mlp<Layer>& model, const Dataset& d) {
   return 100.0 * digits::count_correct(model.predict(d.X), d.y) / double(d.size());
 }
 
-Mlp<LoRALayer> lora_model(const Mlp<DenseLinear<float>>& base, int r, std::uint64_t seed) {
-  std::vector<LoRALayer> layers;
-  for (const auto& l : base.layers()) {
-    lora::LoRAConfig cfg;
-    cfg.rank = int(std::min<Eigen::Index>({r, l.out_features(), l.in_features()}));
-    cfg.alpha = 2.0 * cfg.rank;
-    cfg.init = lora::Init::KaimingUniform;
-    cfg.seed = seed++;
-    layers.emplace_back(l.weight(), l.bias(), cfg);
-  }
-  return Mlp<LoRALayer>(std::move(layers));
-}
-
 double max_relative_difference(Mlp<LoRALayer>& a, Mlp<LoRALayer>& b) {
   double worst = 0;
   const auto pa = a.parameters(), pb = b.parameters();
@@ -167,12 +154,7 @@ int run(const Settings& s) {
   const Dataset train_down = digits::rotate90(train_up), test_down = digits::rotate90(test_up);
 
   // 1. Upstream, every weight trained, data parallel.
-  lora::Rng init_rng(7);
-  std::vector<DenseLinear<float>> base_layers;
-  base_layers.push_back(DenseLinear<float>::init(128, 64, init_rng));
-  base_layers.push_back(DenseLinear<float>::init(128, 128, init_rng));
-  base_layers.push_back(DenseLinear<float>::init(10, 128, init_rng));
-  Mlp<DenseLinear<float>> base(std::move(base_layers));
+  Mlp<DenseLinear<float>> base = digits::make_base_mlp();
   lora::mpi::DataParallel<float> base_dp(MPI_COMM_WORLD, base.parameters());
   say("digits, data parallel on %d ranks, global batch %d\n", base_dp.size(), kGlobalBatch);
   say("\n[1] upstream: full training of the MLP 64-128-128-10\n");
@@ -184,7 +166,7 @@ int run(const Settings& s) {
   // 2. Downstream: LoRA r = 8, data parallel. Each rank draws A from its own seed; the broadcast
   // makes rank 0's the starting point everywhere.
   say("\n[2] downstream (rotated digits): LoRA r = 8 on every layer, base frozen\n");
-  auto model = lora_model(base, 8, 100 + 1000 * std::uint64_t(base_dp.rank()));
+  auto model = digits::make_lora_mlp(base, 8, 100 + 1000 * std::uint64_t(base_dp.rank()));
   lora::mpi::DataParallel<float> dp(MPI_COMM_WORLD, model.parameters());
   dp.broadcast_parameters();
   train(model, train_down, s.lora_epochs, 5e-3, &dp, dp.size(), "LoRA r=8 (A and B)");
@@ -195,10 +177,10 @@ int run(const Settings& s) {
   // 3. One-process references from rank 0's starting adapters: gradient accumulation over the
   // same slices (bit-identical expected for 2 ranks), and plain whole-batch training.
   say("\n[3] references: the same downstream training in one process\n");
-  auto accumulated = lora_model(base, 8, 100);
+  auto accumulated = digits::make_lora_mlp(base, 8, 100);
   train(accumulated, train_down, s.lora_epochs, 5e-3, nullptr, dp.size(),
         "one process, accumulated");
-  auto whole = lora_model(base, 8, 100);
+  auto whole = digits::make_lora_mlp(base, 8, 100);
   train(whole, train_down, s.lora_epochs, 5e-3, nullptr, 1, "one process, whole batch");
   whole.eval();
   const double whole_accuracy = accuracy(whole, test_down);

@@ -127,25 +127,6 @@ std::vector<EpochStats> fit(Mlp<Layer>& model, const Dataset& train, const Datas
   return curve;
 }
 
-/// The base MLP with every layer wrapped in LoRALinear<float, Frozen> of rank min(r, d, k).
-template <typename Frozen>
-Mlp<lora::LoRALinear<float, Frozen>> make_lora_model(const Mlp<DenseLinear<float>>& base, int r,
-                                                     const Settings& s) {
-  std::vector<lora::LoRALinear<float, Frozen>> layers;
-  layers.reserve(base.layers().size());
-  std::uint64_t seed = 100 + std::uint64_t(r);
-  for (const auto& l : base.layers()) {
-    lora::LoRAConfig cfg;
-    cfg.rank = int(std::min<Eigen::Index>({r, l.out_features(), l.in_features()}));
-    cfg.alpha = 2.0 * cfg.rank;  // s = 2 at every rank
-    cfg.init = lora::Init::KaimingUniform;
-    cfg.dropout = s.lora_dropout;
-    cfg.seed = seed++;
-    layers.emplace_back(l.weight(), l.bias(), cfg);  // W0 and b copied in and frozen
-  }
-  return Mlp<lora::LoRALinear<float, Frozen>>(std::move(layers));
-}
-
 /// Median wall time of one call of f, in microseconds.
 template <typename F>
 double median_us(F&& f, int reps) {
@@ -219,12 +200,7 @@ int run(const Settings& s) {
 
   // 1. Upstream: a fully trained base model.
   std::printf("\n[1] upstream: MLP 64-128-128-10 trained on the digits\n");
-  lora::Rng init_rng(7);
-  std::vector<DenseLinear<float>> base_layers;
-  base_layers.push_back(DenseLinear<float>::init(128, 64, init_rng));
-  base_layers.push_back(DenseLinear<float>::init(128, 128, init_rng));
-  base_layers.push_back(DenseLinear<float>::init(10, 128, init_rng));
-  Mlp<DenseLinear<float>> base(std::move(base_layers));
+  Mlp<DenseLinear<float>> base = digits::make_base_mlp();
   const Eigen::Index full_count = base.trainable_parameter_count();
   const auto t_up = Clock::now();
   const auto up_curve =
@@ -236,8 +212,8 @@ int run(const Settings& s) {
   // The base as the LoRA models hold it (W0 in the frozen storage, no adapter): the reference
   // for "adapter disabled". With an fp32 base it is the trained model itself; a bf16 base rounds
   // W0 and X, which can move a borderline prediction.
-  const Matrix base_logits_up =
-      make_lora_model<Frozen>(base, 1, s).predict(test_up.X, /*with_adapter=*/false);
+  const Matrix base_logits_up = digits::make_lora_mlp<Frozen>(base, 1, 101, s.lora_dropout)
+                                    .predict(test_up.X, /*with_adapter=*/false);
   const double upstream_before =
       100.0 * digits::count_correct(base_logits_up, test_up.y) / double(test_up.size());
   if (s.base != "fp32")
@@ -250,7 +226,7 @@ int run(const Settings& s) {
   std::size_t best = 0;
   for (int r : s.ranks) {
     std::printf("\n[2] downstream: LoRA r = %d on every layer (base frozen)\n", r);
-    auto model = make_lora_model<Frozen>(base, r, s);
+    auto model = digits::make_lora_mlp<Frozen>(base, r, 100 + std::uint64_t(r), s.lora_dropout);
     Run run;
     run.name = "LoRA r=" + std::to_string(r);
     run.rank = r;

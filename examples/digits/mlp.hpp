@@ -8,7 +8,9 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <utility>
 #include <vector>
 
@@ -224,5 +226,36 @@ class Mlp {
   Matrix G_, dA_;
   lora::Workspace<T> ws_;
 };
+
+/// The upstream model of the digits examples: MLP 64-128-128-10 of trainable dense layers, drawn
+/// from `seed`.
+inline Mlp<DenseLinear<float>> make_base_mlp(std::uint64_t seed = 7) {
+  lora::Rng rng(seed);
+  std::vector<DenseLinear<float>> layers;
+  layers.push_back(DenseLinear<float>::init(128, 64, rng));
+  layers.push_back(DenseLinear<float>::init(128, 128, rng));
+  layers.push_back(DenseLinear<float>::init(10, 128, rng));
+  return Mlp<DenseLinear<float>>(std::move(layers));
+}
+
+/// `base` with every layer frozen (W0 and b copied in) under a LoRA adapter of rank min(r, d, k):
+/// alpha = 2 r (s = 2 at every rank), Kaiming-uniform A, layer i seeded with first_seed + i.
+template <typename Frozen = lora::DenseFrozenWeight<float>>
+Mlp<lora::LoRALinear<float, Frozen>> make_lora_mlp(const Mlp<DenseLinear<float>>& base, int r,
+                                                   std::uint64_t first_seed, double dropout = 0) {
+  std::vector<lora::LoRALinear<float, Frozen>> layers;
+  layers.reserve(base.layers().size());
+  std::uint64_t seed = first_seed;
+  for (const auto& l : base.layers()) {
+    lora::LoRAConfig cfg;
+    cfg.rank = int(std::min<Eigen::Index>({r, l.out_features(), l.in_features()}));
+    cfg.alpha = 2.0 * cfg.rank;
+    cfg.init = lora::Init::KaimingUniform;
+    cfg.dropout = dropout;
+    cfg.seed = seed++;
+    layers.emplace_back(l.weight(), l.bias(), cfg);
+  }
+  return Mlp<lora::LoRALinear<float, Frozen>>(std::move(layers));
+}
 
 }  // namespace digits
