@@ -10,6 +10,7 @@
 #include <cmath>
 #include <vector>
 
+namespace test_attention_model {
 namespace {
 
 using attention::AttentionModel;
@@ -219,3 +220,4 @@ TEST(AttentionForward, RejectsBadInput) {
 }
 
 }  // namespace
+}  // namespace test_attention_model

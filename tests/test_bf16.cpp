@@ -29,6 +29,7 @@
 #include <tuple>
 #include <vector>
 
+namespace test_bf16 {
 namespace {
 
 using MatF = Eigen::MatrixXf;
@@ -265,3 +266,4 @@ TEST(Bf16FrozenWeight, NonFiniteValuesStayNonFinite) {
 }
 
 }  // namespace
+}  // namespace test_bf16

@@ -15,6 +15,7 @@
 
 #include <cmath>
 
+namespace test_dropout {
 namespace {
 
 using Matrix = Eigen::MatrixXd;
@@ -218,3 +219,4 @@ TEST(Dropout, TrainingStepAllocatesNothingOnceGrown) {
 }
 
 }  // namespace
+}  // namespace test_dropout

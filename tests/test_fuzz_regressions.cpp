@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+namespace test_fuzz_regressions {
 namespace {
 
 namespace fs = std::filesystem;
@@ -152,3 +153,4 @@ TEST(FuzzRegressions, DeeplyNestedHeaderValuesAreAFormatErrorNotAStackOverflow) 
 }
 
 }  // namespace
+}  // namespace test_fuzz_regressions

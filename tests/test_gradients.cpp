@@ -5,6 +5,7 @@
 
 #include <lora/lora.hpp>
 
+namespace test_gradients {
 namespace {
 
 using Eigen::MatrixXd;
@@ -90,3 +91,4 @@ TEST(GradientCheckFloat, FloatMatchesDouble) {
 }
 
 }  // namespace
+}  // namespace test_gradients

@@ -9,6 +9,7 @@
 #include <string>
 #include <utility>
 
+namespace test_layer {
 namespace {
 
 using Eigen::MatrixXd;
@@ -278,3 +279,4 @@ TEST(EmptyBatch, ZeroColumnsGiveEmptyResultsAndNoGradient) {
 }
 
 }  // namespace
+}  // namespace test_layer

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+namespace test_multi_adapter {
 namespace {
 
 using Multi = lora::MultiLoRALinear<double>;
@@ -302,3 +303,4 @@ TEST(MultiLoRA, LoadsAndSavesPeftAdaptersInNamedSlots) {
 }
 
 }  // namespace
+}  // namespace test_multi_adapter

@@ -13,6 +13,7 @@
 #include <string>
 #include <utility>
 
+namespace test_numerical_guards {
 namespace {
 
 using Eigen::MatrixXd;
@@ -268,7 +269,9 @@ TEST(ExtremeShapes, EmptyBatchThroughEveryOverloadLeavesGradientsUnchanged) {
 }
 
 }  // namespace
+}  // namespace test_numerical_guards
 
+namespace test_numerical_guards {
 namespace {
 
 // MultiLoRALinear::set_active while merged: a new adapter whose merge overflows is refused and the
@@ -294,3 +297,4 @@ TEST(NonFinite, SwitchingToAnAdapterWhoseMergeOverflowsChangesNothing) {
 }
 
 }  // namespace
+}  // namespace test_numerical_guards

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 
+namespace test_onednn {
 namespace {
 
 using MatF = Eigen::MatrixXf;
@@ -67,3 +68,4 @@ TEST(OneDnnFrozenWeight, StridedOutputsAndReport) {
 }
 
 }  // namespace
+}  // namespace test_onednn

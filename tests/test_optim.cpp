@@ -21,6 +21,7 @@
 #include <stdexcept>
 #include <vector>
 
+namespace test_optim {
 namespace {
 
 using Matrix = Eigen::MatrixXd;
@@ -352,3 +353,4 @@ TEST(Frozen, AdapterParametersOfAMergedLayerThrow) {
 }
 
 }  // namespace
+}  // namespace test_optim

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+namespace test_peft_adapter {
 namespace {
 
 using lora::io::DType;
@@ -522,3 +523,4 @@ TEST(LoraBias, ForwardMergeAndGradientsMatchAnIndependentComputation) {
 }
 
 }  // namespace
+}  // namespace test_peft_adapter

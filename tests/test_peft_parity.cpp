@@ -12,6 +12,7 @@
 #include <fstream>
 #include <string>
 
+namespace test_peft_parity {
 namespace {
 
 using lora::test::fixture_path;
@@ -115,3 +116,4 @@ TEST(PeftInit, GaussianInitHasPeftsStandardDeviation) {
 }
 
 }  // namespace
+}  // namespace test_peft_parity

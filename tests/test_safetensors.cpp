@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+namespace test_safetensors {
 namespace {
 
 using lora::io::FormatError;
@@ -158,3 +159,4 @@ TEST(SafeTensorsCorrupt, EveryDefectIsAClearError) {
 }
 
 }  // namespace
+}  // namespace test_safetensors

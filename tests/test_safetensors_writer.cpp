@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+namespace test_safetensors_writer {
 namespace {
 
 using lora::io::DType;
@@ -239,3 +240,4 @@ TEST(AtomicFile, WriterSaveReplacesAnExistingFile) {
 }
 
 }  // namespace
+}  // namespace test_safetensors_writer

@@ -9,6 +9,7 @@
 
 #include <cstring>
 
+namespace test_training {
 namespace {
 
 using Matrix = Eigen::MatrixXf;
@@ -110,3 +111,4 @@ TEST(Training, ARankOneAdapterCannotFitARankTwoChange) {
 }
 
 }  // namespace
+}  // namespace test_training
