@@ -149,8 +149,8 @@ def main():
           f"torch {torch.__version__}; lora bf16 back end: {context.get('lora_bf16_backend', '?')}")
 
     blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
-    if blas and blas.group(1) == "generic":
-        libblas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
+    libblas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
+    if blas and blas.group(1) == "generic" and "openblas" not in libblas.lower():
         print(f"WARNING: this PyTorch runs its fp32 products on the system libblas ({libblas}). "
               "Debian's reference BLAS is some 20x slower than OpenBLAS, which makes PyTorch's "
               "fp32 rows meaningless; for a fair comparison: apt-get install libopenblas0-pthread")
