@@ -134,16 +134,6 @@ class LoRAAdapter {
     detail::require_finite(where, "grad_lora_bias", grad_lora_bias_);
   }
 
-  /// H += s * B * (A * X) (+ s * b_B with a lora bias).
-  /// X: k x n,  H: d x n,  AX (scratch): r x n, holds A*X afterwards.
-  void add_forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
-                   Eigen::Ref<Matrix> AX) const {
-    AX.setZero();
-    detail::gemm_add(AX, A_, X, T(1));      // (r x k)(k x n): r*k*n
-    detail::gemm_add(H, B_, AX, scaling_);  // (d x r)(r x n): d*r*n
-    add_lora_bias_term(H);
-  }
-
   /// H = s * B * (A * X) + bias (bias: length d, or empty for none), overwriting H in one pass, so
   /// that a frozen product accumulated into H afterwards pays nothing extra for the adapter's
   /// memory traffic.   X: k x n,  H: d x n,  AX (scratch): r x n, holds A*X afterwards.
@@ -160,7 +150,7 @@ class LoRAAdapter {
   ///   dB += s * G * (A X)^T              (d x n)(n x r)
   ///   dA += s * (B^T G) * X^T            (r x n)(n x k)
   ///   db_B += s * G * 1                  (with a lora bias: the row sums of G)
-  /// AX and BtG are r x n scratch; BtG holds B^T G afterwards, for add_input_gradient.
+  /// AX and BtG are r x n scratch; BtG holds B^T G afterwards, for assign_input_gradient.
   void accumulate_gradients(const Eigen::Ref<const Matrix>& X, const Eigen::Ref<const Matrix>& G,
                             Eigen::Ref<Matrix> AX, Eigen::Ref<Matrix> BtG) {
     // Products on Eigen's kernel through detail::gemm_add: no allocation, no copy for a transpose.
@@ -173,12 +163,8 @@ class LoRAAdapter {
     if (has_lora_bias()) grad_lora_bias_.noalias() += scaling_ * G.rowwise().sum();  // s * G * 1
   }
 
-  /// dX += s * A^T * (B^T G): the adapter's share of dL/dX.   BtG: r x n,  dX: k x n.
-  void add_input_gradient(const Eigen::Ref<const Matrix>& BtG, Eigen::Ref<Matrix> dX) const {
-    detail::gemm_add(dX, A_.transpose(), BtG, scaling_);  // (k x r)(r x n)
-  }
-
-  /// dX = s * A^T * (B^T G), overwriting dX in one pass (the frozen term is accumulated after).
+  /// dX = s * A^T * (B^T G), the adapter's share of dL/dX, overwriting dX in one pass (the frozen
+  /// term W0^T G is accumulated after).   BtG: r x n,  dX: k x n.
   void assign_input_gradient(const Eigen::Ref<const Matrix>& BtG, Eigen::Ref<Matrix> dX) const {
     detail::assign_low_rank(dX, scaling_, A_.transpose(), BtG, Vector());  // (k x r)(r x n)
   }

@@ -244,8 +244,7 @@ class MultiLoRALinear {
       auto Ya = ws.get(2, out_features(), n_a);  // d x n_a
       for (Index j = 0, c = 0; j < X.cols(); ++j)
         if (adapters[static_cast<std::size_t>(j)] == a) Xa.col(c++) = X.col(j);
-      Ya.setZero();
-      ad.add_forward(Xa, Ya, AX);  // Ya = s B (A Xa) (+ s b_B)
+      ad.assign_forward(Xa, Ya, AX, Vector());  // Ya = s B (A Xa) (+ s b_B)
       for (Index j = 0, c = 0; j < X.cols(); ++j)
         if (adapters[static_cast<std::size_t>(j)] == a) H.col(j) += Ya.col(c++);
     }
