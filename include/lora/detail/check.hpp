@@ -63,10 +63,6 @@ bool all_finite(const Eigen::MatrixBase<Derived>& m) {
   return m.allFinite();
 }
 
-}  // namespace lora::detail
-
-namespace lora::detail {
-
 /// True when the coefficients of a and b (column-major, inner stride 1) share memory: an output
 /// that overlaps an input would be overwritten while still being read.
 template <typename A, typename B>
@@ -86,10 +82,6 @@ void require_no_alias(const char* where, const char* out_name, const Out& out, c
                       const In& in) {
   require(!overlaps(out, in), where, ": ", out_name, " must not share memory with ", in_name);
 }
-
-}  // namespace lora::detail
-
-namespace lora::detail {
 
 // The argument checks that every layer (LoRALinear, MultiLoRALinear) shares. The layer has a d x k
 // weight; X is k x n with any batch n.
