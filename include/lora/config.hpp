@@ -2,6 +2,7 @@
 #pragma once
 
 #include "lora/detail/check.hpp"
+#include "lora/frozen_storage.hpp"
 
 #include <cmath>
 #include <cstdint>
@@ -16,18 +17,6 @@ enum class Init {
   /// PEFT's default (`init_lora_weights=True`) and Microsoft's loralib. The bound follows from
   /// gain = sqrt(2 / (1 + a^2)) = sqrt(1/3) and bound = sqrt(3) * gain / sqrt(fan_in).
   KaimingUniform,
-};
-
-/// What unmerge() does with the frozen weight.
-enum class MergeMode {
-  /// merge() adds s*B*A to W in place; unmerge() subtracts it again, as PEFT does. No extra
-  /// memory, but each cycle can move an element by a rounding error: after c cycles
-  /// |W - W0| <= c * 2u * (|W0| + |s*B*A|) elementwise (u = unit roundoff of T), and in practice
-  /// far less (the errors are unbiased).
-  InPlace,
-  /// merge() keeps a pristine copy of W0 beside the merged weight; unmerge() swaps it back, so
-  /// W0 comes back bit for bit, at once. Costs a second d x k buffer once the layer has merged.
-  ExactRestore,
 };
 
 /// Hyper-parameters of one LoRA adapter (arXiv 2106.09685).
