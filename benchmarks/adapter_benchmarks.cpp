@@ -22,7 +22,7 @@ Layer& layer() {
     lora::Rng rng(1);
     Matrix W0(kD, kK);
     lora::fill_normal(W0, rng, 0.0, 0.02);
-    auto* l = new Layer(std::move(W0), Eigen::VectorXf(), lora::MergeMode::InPlace);
+    auto* l = new Layer(std::move(W0));  // the dense storage's default: MergeMode::InPlace
     for (int i = 0; i < kAdapters; ++i) {
       lora::LoRAConfig cfg;
       cfg.rank = kRank;

@@ -130,7 +130,7 @@ void dense_forward(benchmark::State& state) {
 /// plain Eigen dense layer runs, for comparison with the library's allocation-free one.
 void dense_forward_eigen(benchmark::State& state) {
   auto& f = Fixture<lora::DenseFrozenWeight<float>>::get(shape_of(state));
-  const Matrix& W = f.layer.frozen().weight();
+  const Matrix& W = f.layer.frozen().matrix();
   timed_loop(state, [&] {
     f.H.noalias() = W * f.X;
     benchmark::DoNotOptimize(f.H.data());

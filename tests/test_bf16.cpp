@@ -75,7 +75,7 @@ struct Problem {
     lora::LoRAConfig cfg;
     cfg.rank = sh.r;
     cfg.alpha = 2.0 * sh.r + 1.0;
-    Layer l(lora::Bf16FrozenWeight(W, lora::MergeMode::InPlace, backend), b, cfg);
+    Layer l(lora::Bf16FrozenWeight(W, lora::MergeMode::ExactRestore, backend), b, cfg);
     l.set_adapter_weights(A, B);
     s = l.scaling();
     return l;
@@ -247,12 +247,12 @@ TEST(Bf16FrozenWeight, StateErrorsAndShapes) {
   EXPECT_EQ(w.out_features(), 4);
   EXPECT_EQ(w.in_features(), 3);
   const MatF B = MatF::Ones(4, 1), A = MatF::Ones(1, 3);
-  EXPECT_THROW(w.unmerge(1.0f, B, A), std::logic_error);
-  w.merge(0.5f, B, A);
-  EXPECT_THROW(w.merge(0.5f, B, A), std::logic_error);
+  EXPECT_THROW(w.unmerge(1.0f, B, A, VecF()), std::logic_error);
+  w.merge(0.5f, B, A, VecF());
+  EXPECT_THROW(w.merge(0.5f, B, A, VecF()), std::logic_error);
   EXPECT_EQ(w.weight()(0, 0), 1.5f);
   EXPECT_EQ(w.pristine_weight()(0, 0), lora::detail::round_to_bf16(1.0f));
-  w.unmerge(0.5f, B, A);
+  w.unmerge(0.5f, B, A, VecF());
   EXPECT_EQ(w.weight()(0, 0), 1.0f);
 }
 

@@ -95,8 +95,10 @@ lora::LoRALinear<float> train(int id, int steps) {
   cfg.rank = 3;
   cfg.alpha = 2;  // s = 2/3 and a small step: the run converges, so every number stays finite
   cfg.seed = 100 + static_cast<std::uint64_t>(id);
-  cfg.merge_mode = id % 2 ? lora::MergeMode::ExactRestore : lora::MergeMode::InPlace;
-  lora::LoRALinear<float> layer(random_matrix<float>(40, 24, 200 + id), cfg);
+  const auto mode = id % 2 ? lora::MergeMode::ExactRestore : lora::MergeMode::InPlace;
+  lora::LoRALinear<float> layer(
+      lora::DenseFrozenWeight<float>(random_matrix<float>(40, 24, 200 + id), mode),
+      Eigen::VectorXf(), cfg);
   const Matrix X = random_matrix<float>(24, 16, 300 + id);
   const Matrix Y = random_matrix<float>(40, 16, 400 + id);
   Matrix H(40, 16), G(40, 16), dX(24, 16);

@@ -20,13 +20,17 @@ using Eigen::MatrixXd;
 using Eigen::MatrixXf;
 using Eigen::VectorXd;
 
-lora::LoRAConfig config(int rank, double alpha = 16.0,
-                        lora::MergeMode mode = lora::MergeMode::InPlace) {
+lora::LoRAConfig config(int rank, double alpha = 16.0) {
   lora::LoRAConfig c;
   c.rank = rank;
   c.alpha = alpha;
-  c.merge_mode = mode;
   return c;
+}
+
+/// A float layer on a dense W0 whose storage merges in `mode`.
+lora::LoRALinear<float> layer_in(const MatrixXf& W0, const lora::LoRAConfig& cfg,
+                                 lora::MergeMode mode) {
+  return lora::LoRALinear<float>(lora::DenseFrozenWeight<float>(W0, mode), Eigen::VectorXf(), cfg);
 }
 
 MatrixXd random_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed,
@@ -64,9 +68,9 @@ TEST(MergeCycles, ThousandFloatCyclesLargeDeltaKeepDocumentedBoundAndExactModeIs
   const MatrixXf B = random_matrix(33, 5, 22).cast<float>();
   const MatrixXf X = random_matrix(70, 4, 23).cast<float>();
   for (lora::MergeMode mode : kModes) {
-    auto cfg = config(5, 7.0, mode);
+    auto cfg = config(5, 7.0);
     cfg.use_rslora = true;
-    lora::LoRALinear<float> layer(W0, cfg);
+    lora::LoRALinear<float> layer = layer_in(W0, cfg, mode);
     layer.B() = B;
     const MatrixXf delta = layer.delta_weight();
     const MatrixXf before = layer.forward(X);
@@ -105,7 +109,8 @@ TEST(NonFinite, NanInTheUpstreamGradientIsReportedInTheGradientsAndNeverReachesW
   EXPECT_FALSE(layer.all_finite());
   EXPECT_FALSE(layer.adapter().all_finite());
   const std::string what = message_of([&] { layer.check_finite(); });
-  EXPECT_NE(what.find("LoRALinear::check_finite: grad_A("), std::string::npos) << what;
+  EXPECT_NE(what.find("LoRALinear::check_finite: adapter \"default\": grad_A("), std::string::npos)
+      << what;
   EXPECT_NE(what.find("nan"), std::string::npos) << what;
 
   // A plain SGD step carries the NaN into A and B; merge() then refuses, W0 stays bit for bit.
@@ -120,13 +125,14 @@ TEST(NonFinite, NanInTheUpstreamGradientIsReportedInTheGradientsAndNeverReachesW
 TEST(NonFinite, CheckFiniteNamesTheMatrixTheElementAndTheValue) {
   lora::LoRALinear<double> layer(random_matrix(6, 5, 35), VectorXd::Zero(6), config(2));
   layer.B()(3, 1) = std::numeric_limits<double>::infinity();
-  EXPECT_EQ(message_of([&] { layer.check_finite(); }), "LoRALinear::check_finite: B(3, 1) is inf");
+  EXPECT_EQ(message_of([&] { layer.check_finite(); }),
+            "LoRALinear::check_finite: adapter \"default\": B(3, 1) is inf");
   EXPECT_EQ(message_of([&] { layer.adapter().check_finite(); }),
             "LoRAAdapter::check_finite: B(3, 1) is inf");
   layer.B()(3, 1) = 0;
   layer.grad_B()(0, 1) = -std::numeric_limits<double>::infinity();
   EXPECT_EQ(message_of([&] { layer.check_finite(); }),
-            "LoRALinear::check_finite: grad_B(0, 1) is -inf");
+            "LoRALinear::check_finite: adapter \"default\": grad_B(0, 1) is -inf");
   layer.zero_grad();
 
   MatrixXd W0 = random_matrix(6, 5, 36);
@@ -149,7 +155,7 @@ TEST(NonFinite, MergeThatWouldOverflowIsRefusedAndLeavesTheWeightBitExact) {
   MatrixXf W0 = random_matrix(4, 3, 38).cast<float>();
   W0(1, 2) = 3e38f;
   for (lora::MergeMode mode : kModes) {
-    lora::LoRALinear<float> layer(W0, config(1, 1.0, mode));  // s = 1
+    lora::LoRALinear<float> layer = layer_in(W0, config(1, 1.0), mode);  // s = 1
     layer.A().setOnes();
     layer.B().setZero();
     layer.B()(1, 0) = 1e38f;  // (s B A)(1, 2) = 1e38: 3e38 + 1e38 > FLT_MAX = 3.4e38
@@ -169,7 +175,7 @@ TEST(NonFinite, MergeNearFloatMaxAndWithANanInW0StaysCorrect) {
   W0(0, 0) = 3e38f;
   W0(4, 3) = std::nanf("");
   for (lora::MergeMode mode : kModes) {
-    lora::LoRALinear<float> layer(W0, config(2, 2.0, mode));
+    lora::LoRALinear<float> layer = layer_in(W0, config(2, 2.0), mode);
     layer.B() = random_matrix(5, 2, 40).cast<float>();
     const MatrixXd expected = W0.cast<double>() + layer.delta_weight().cast<double>();
     layer.merge();
@@ -227,8 +233,9 @@ TEST(ExtremeShapes, OneByOneLayerGivesHandComputedNumbers) {
   //   dX = W0^T G + s A^T B^T G = 2 - 9                     = [-7, -7]
   //   merged W = 2 + 2 * (-1.5) * 3                         = -7
   for (lora::MergeMode mode : kModes) {
-    lora::LoRALinear<double> layer(MatrixXd::Constant(1, 1, 2.0), VectorXd::Constant(1, 0.5),
-                                   config(1, 2.0, mode));
+    lora::LoRALinear<double> layer(
+        lora::DenseFrozenWeight<double>(MatrixXd::Constant(1, 1, 2.0), mode),
+        VectorXd::Constant(1, 0.5), config(1, 2.0));
     layer.set_adapter_weights(MatrixXd::Constant(1, 1, 3.0), MatrixXd::Constant(1, 1, -1.5));
     MatrixXd X(1, 2), G(1, 2), H(1, 2), dX(1, 2);
     X << 1, -2;

@@ -344,12 +344,22 @@ TEST(Frozen, SGDLeavesW0BitIdentical) {
   frozen_weights_stay_bit_identical<lora::SGD<float>>(lora::SGDOptions{0.05, 0.9, 0.01, true});
 }
 
-TEST(Frozen, AdapterParametersOfAMergedLayerThrow) {
+// Views taken and stepped while merged are safe: unmerge removes exactly what merge added.
+TEST(Frozen, StepsOnAMergedLayerNeverReachW0) {
   lora::LoRAConfig cfg;
   cfg.rank = 2;
-  lora::LoRALinear<double> layer(Matrix::Identity(4, 4), cfg);
+  const Matrix W0 = Matrix::Identity(4, 4);
+  lora::LoRALinear<double> layer(lora::DenseFrozenWeight<double>(W0, lora::MergeMode::ExactRestore),
+                                 Eigen::VectorXd(), cfg);
   layer.merge();
-  EXPECT_THROW(lora::adapter_parameters(layer), std::logic_error);
+  auto params = lora::adapter_parameters(layer);
+  layer.grad_A().setOnes();
+  layer.grad_B().setOnes();
+  lora::SGD<double> opt(params, {0.5});
+  opt.step();
+  layer.unmerge();
+  EXPECT_TRUE(layer.weight() == W0);
+  EXPECT_TRUE((layer.B().array() == -0.5).all());
 }
 
 }  // namespace

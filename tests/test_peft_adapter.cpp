@@ -499,7 +499,7 @@ TEST(LoraBias, ForwardMergeAndGradientsMatchAnIndependentComputation) {
   layer.B().setRandom();
   lora::LoRAAdapter<double> a = layer.adapter();
   a.set_lora_bias(Eigen::VectorXd::Random(7));
-  layer.set_adapter(a);
+  layer.replace_adapter(a);
   const Eigen::MatrixXd X = Eigen::MatrixXd::Random(6, 4);
   const Eigen::MatrixXd G = Eigen::MatrixXd::Random(7, 4);
   const double s = 5.0 / 3.0;

@@ -34,14 +34,12 @@ void check_case(const std::string& name, double tol) {
   cfg.rank = meta["r"].get<int>();
   cfg.alpha = meta["lora_alpha"].get<double>();
   cfg.use_rslora = meta["use_rslora"].get<bool>();
-  cfg.merge_mode = lora::MergeMode::ExactRestore;
 
   const Matrix W0 = st.matrix<T>("W0");
   const Matrix X = st.matrix<T>("x").transpose();  // k x n
   const Matrix G = st.matrix<T>("G").transpose();  // d x n
-  lora::LoRALinear<T> layer = meta["bias"].get<bool>()
-                                  ? lora::LoRALinear<T>(W0, st.vector<T>("bias"), cfg)
-                                  : lora::LoRALinear<T>(W0, cfg);
+  lora::LoRALinear<T> layer(lora::DenseFrozenWeight<T>(W0, lora::MergeMode::ExactRestore),
+                            meta["bias"].get<bool>() ? st.vector<T>("bias") : Vector(), cfg);
   EXPECT_NEAR(layer.scaling(), meta["scaling"].get<double>(),
               1e-15 * meta["scaling"].get<double>());
   layer.set_adapter_weights(st.matrix<T>("A"), st.matrix<T>("B"));
@@ -64,8 +62,7 @@ void check_case(const std::string& name, double tol) {
 
   // The in-place mode (PEFT's way) stays within its documented bound for one cycle:
   // |W - W0| <= 2u (|W0| + |s B A|) elementwise.
-  cfg.merge_mode = lora::MergeMode::InPlace;
-  lora::LoRALinear<T> in_place(W0, cfg);
+  lora::LoRALinear<T> in_place(W0, cfg);  // the dense storage's default: MergeMode::InPlace
   in_place.set_adapter_weights(st.matrix<T>("A"), st.matrix<T>("B"));
   const Matrix delta = in_place.delta_weight();
   in_place.merge();

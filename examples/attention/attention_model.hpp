@@ -61,7 +61,7 @@ class Projection {
   const lora::LoRALinear<T>& lora() const { return *lora_; }
 
   /// The frozen or dense weight (d_out x d_in): W, or the adapted layer's W0.
-  const Matrix& weight() const { return lora_ ? lora_->weight() : W_; }
+  const Matrix& weight() const { return lora_ ? lora_->frozen().matrix() : W_; }
   Matrix& dense_weight() { return W_; }  ///< dense mode only
   Matrix& dense_grad() { return grad_W_; }
   Eigen::Index rows() const { return weight().rows(); }

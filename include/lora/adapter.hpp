@@ -1,5 +1,12 @@
 // LoRAAdapter<T>: the trainable half of a LoRA layer, h += s * B * (A * x), with its gradients.
 // It knows nothing of the frozen weight, so one frozen base can carry several adapters.
+//
+// The tensors (A, B, the lora bias and their gradients) live in one heap block that the adapter
+// shares with the ParameterViews handed out by parameters(): moving the adapter (or the layer
+// holding it) keeps the views valid, and no view can outlive the memory it points to. Assigning
+// another adapter copies into the existing buffers where the shapes agree, so an optimizer built
+// earlier keeps training the new values; a tensor whose shape changes is reallocated and its old
+// views become stale (see parameter.hpp).
 #pragma once
 
 #include "lora/config.hpp"
@@ -7,16 +14,62 @@
 #include "lora/detail/finite.hpp"
 #include "lora/detail/gemm.hpp"
 #include "lora/detail/low_rank.hpp"
+#include "lora/parameter.hpp"
 #include "lora/random.hpp"
 #include "lora/workspace.hpp"
 
 #include <Eigen/Core>
 
 #include <cmath>
+#include <limits>
+#include <memory>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace lora {
+
+namespace detail {
+
+/// The heap block of an adapter's tensors, shared with its parameter views. Each trainable tensor
+/// (with its gradient) has a lifetime whose generation moves on when its buffer is reallocated.
+template <typename T>
+struct AdapterTensors {
+  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+  Matrix A, B, grad_A, grad_B;
+  Vector lora_bias, grad_lora_bias;  // empty without a lora bias
+  TensorLifetime A_life, B_life, lora_bias_life;
+
+  void retire() {
+    ++A_life.generation;
+    ++B_life.generation;
+    ++lora_bias_life.generation;
+  }
+};
+
+/// dst = src; when the shape differs the buffer is reallocated and `life` moves on, so views of
+/// the old buffer become stale instead of dangling.
+template <typename M>
+void assign_tensor(M& dst, const M& src, TensorLifetime& life) {
+  if (dst.rows() != src.rows() || dst.cols() != src.cols()) ++life.generation;
+  dst = src;
+}
+
+}  // namespace detail
+
+/// The scaling s of cfg as a T: alpha / r, or alpha / sqrt(r) with rsLoRA. Throws
+/// std::invalid_argument when it is not finite in T (alpha = 1e300 fits a double, not a float).
+template <typename T>
+T scaling_as(const LoRAConfig& cfg) {
+  const double s = cfg.scaling();
+  detail::require(
+      std::isfinite(s) && std::abs(s) <= static_cast<double>(std::numeric_limits<T>::max()),
+      "LoRAConfig: the scaling alpha / ", cfg.use_rslora ? "sqrt(r)" : "r", " = ", s,
+      " (alpha = ", cfg.alpha, ", r = ", cfg.rank, ") must be finite in ",
+      std::is_same_v<T, float> ? "float" : "double");
+  return static_cast<T>(s);
+}
 
 template <typename T>
 class LoRAAdapter {
@@ -29,58 +82,123 @@ class LoRAAdapter {
   using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
   using Index = Eigen::Index;
 
-  /// A fresh adapter for a d x k weight: A drawn as cfg.init says (seeded), B = 0.
-  LoRAAdapter(Index out_features, Index in_features, const LoRAConfig& cfg) : config_(cfg) {
+  /// A fresh adapter for a d x k weight: A drawn as cfg.init says (seeded), B = 0. Throws
+  /// std::invalid_argument for a bad config, a rank above min(d, k), or a scaling not finite in T.
+  LoRAAdapter(Index out_features, Index in_features, const LoRAConfig& cfg)
+      : config_(cfg), t_(std::make_shared<detail::AdapterTensors<T>>()) {
     detail::require(out_features >= 1 && in_features >= 1,
                     "LoRAAdapter: the weight must be at least 1 x 1, got ",
                     detail::shape_string(out_features, in_features));
     cfg.validate_for(out_features, in_features);
-    scaling_ = static_cast<T>(cfg.scaling());
-    A_.resize(cfg.rank, in_features);
-    B_.setZero(out_features, cfg.rank);
+    scaling_ = scaling_as<T>(cfg);
+    t_->A.resize(cfg.rank, in_features);
+    t_->B.setZero(out_features, cfg.rank);
     Rng rng(cfg.seed);
     if (cfg.init == Init::Gaussian) {
-      fill_normal(A_, rng, 0.0, 1.0 / cfg.rank);
+      fill_normal(t_->A, rng, 0.0, 1.0 / cfg.rank);
     } else {
       const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
-      fill_uniform(A_, rng, -bound, bound);
+      fill_uniform(t_->A, rng, -bound, bound);
     }
     zero_grad();
   }
 
-  Index rank() const { return A_.rows(); }
-  Index in_features() const { return A_.cols(); }
-  Index out_features() const { return B_.rows(); }
+  /// A deep copy: the copy's tensors (and views of them) are its own.
+  LoRAAdapter(const LoRAAdapter& o)
+      : config_(o.config_),
+        scaling_(o.scaling_),
+        t_(std::make_shared<detail::AdapterTensors<T>>()) {
+    const auto& s = o.tensors();
+    t_->A = s.A;
+    t_->B = s.B;
+    t_->grad_A = s.grad_A;
+    t_->grad_B = s.grad_B;
+    t_->lora_bias = s.lora_bias;
+    t_->grad_lora_bias = s.grad_lora_bias;
+  }
+  /// Moves the tensors with their views: views of `o` now see this adapter.
+  LoRAAdapter(LoRAAdapter&& o) noexcept = default;
+
+  /// Takes o's values (config, scaling, tensors), copying into this adapter's buffers where the
+  /// shapes agree: views of this adapter stay valid and see the new values. A tensor of another
+  /// shape is reallocated and its old views become stale.
+  LoRAAdapter& operator=(const LoRAAdapter& o) {
+    if (this == &o) return *this;
+    if (!t_) t_ = std::make_shared<detail::AdapterTensors<T>>();
+    const auto& s = o.tensors();
+    auto& d = *t_;
+    detail::assign_tensor(d.A, s.A, d.A_life);
+    detail::assign_tensor(d.grad_A, s.grad_A, d.A_life);
+    detail::assign_tensor(d.B, s.B, d.B_life);
+    detail::assign_tensor(d.grad_B, s.grad_B, d.B_life);
+    detail::assign_tensor(d.lora_bias, s.lora_bias, d.lora_bias_life);
+    detail::assign_tensor(d.grad_lora_bias, s.grad_lora_bias, d.lora_bias_life);
+    config_ = o.config_;
+    scaling_ = o.scaling_;
+    return *this;
+  }
+  /// As copy assignment: the values move in, this adapter's buffers (and views) stay.
+  LoRAAdapter& operator=(LoRAAdapter&& o) { return *this = static_cast<const LoRAAdapter&>(o); }
+
+  /// Views of a destroyed adapter become stale (their memory stays alive while they exist).
+  ~LoRAAdapter() {
+    if (t_) t_->retire();
+  }
+
+  Index rank() const { return tensors().A.rows(); }
+  Index in_features() const { return tensors().A.cols(); }
+  Index out_features() const { return tensors().B.rows(); }
   const LoRAConfig& config() const { return config_; }
 
   /// s = alpha / r (or alpha / sqrt(r) with rsLoRA), as a T.
   T scaling() const { return scaling_; }
 
-  const Matrix& A() const { return A_; }  ///< r x k
-  const Matrix& B() const { return B_; }  ///< d x r
-  Matrix& A() { return A_; }
-  Matrix& B() { return B_; }
-  const Matrix& grad_A() const { return grad_A_; }  ///< dL/dA, r x k, accumulated
-  const Matrix& grad_B() const { return grad_B_; }  ///< dL/dB, d x r, accumulated
-  Matrix& grad_A() { return grad_A_; }
-  Matrix& grad_B() { return grad_B_; }
+  const Matrix& A() const { return tensors().A; }  ///< r x k
+  const Matrix& B() const { return tensors().B; }  ///< d x r
+  /// Mutable A and B (to initialise or edit them; never resize them). A layer that has merged
+  /// this adapter keeps a copy of the merged factors, so a change here cannot corrupt W0.
+  Matrix& A() { return tensors().A; }
+  Matrix& B() { return tensors().B; }
+  const Matrix& grad_A() const { return tensors().grad_A; }  ///< dL/dA, r x k, accumulated
+  const Matrix& grad_B() const { return tensors().grad_B; }  ///< dL/dB, d x r, accumulated
+  Matrix& grad_A() { return tensors().grad_A; }
+  Matrix& grad_B() { return tensors().grad_B; }
 
   /// Replaces A and B (for example with loaded values); shapes must match this adapter.
   void set_weights(const Eigen::Ref<const Matrix>& A, const Eigen::Ref<const Matrix>& B) {
     detail::require_shape("LoRAAdapter::set_weights", "A", A, rank(), in_features());
     detail::require_shape("LoRAAdapter::set_weights", "B", B, out_features(), rank());
-    A_ = A;
-    B_ = B;
+    tensors().A = A;
+    tensors().B = B;
   }
 
+  /// Sets every gradient to zero.
   void zero_grad() {
-    grad_A_.setZero(A_.rows(), A_.cols());
-    grad_B_.setZero(B_.rows(), B_.cols());
-    grad_lora_bias_.setZero(lora_bias_.size());
+    auto& t = tensors();
+    t.grad_A.setZero(t.A.rows(), t.A.cols());
+    t.grad_B.setZero(t.B.rows(), t.B.cols());
+    t.grad_lora_bias.setZero(t.lora_bias.size());
   }
 
   /// Trainable parameters: r * (d + k), plus d with a lora bias.
-  Index parameter_count() const { return A_.size() + B_.size() + lora_bias_.size(); }
+  Index parameter_count() const {
+    const auto& t = tensors();
+    return t.A.size() + t.B.size() + t.lora_bias.size();
+  }
+
+  /// The trainable tensors as optimizer views: A (r x k), B (d x r) and, when present, the lora
+  /// bias (d x 1), each with its gradient. The views share the adapter's storage (see the top of
+  /// this file); `prefix` starts their names ("fc1." gives "fc1.A").
+  std::vector<ParameterView<T>> parameters(const std::string& prefix = "") {
+    auto& t = tensors();
+    std::vector<ParameterView<T>> out;
+    out.reserve(3);
+    out.push_back(view(t.A, t.grad_A, prefix + "A", t.A_life));
+    out.push_back(view(t.B, t.grad_B, prefix + "B", t.B_life));
+    if (has_lora_bias())
+      out.push_back(view(t.lora_bias, t.grad_lora_bias, prefix + "lora_bias", t.lora_bias_life));
+    return out;
+  }
 
   // ---- lora bias (PEFT's `lora_bias=True`) -----------------------------------------------------
   // B becomes an affine map: the adapter adds s * (B * (A * X) + b_B), so the bias is scaled like
@@ -88,50 +206,55 @@ class LoRAAdapter {
   // folds s * B * A into the weight and still adds s * b_B (see add_lora_bias_term).
 
   /// True when the adapter carries a bias b_B (length d) on B.
-  bool has_lora_bias() const { return lora_bias_.size() != 0; }
-  const Vector& lora_bias() const { return lora_bias_; }  ///< b_B, length d (or empty)
-  Vector& lora_bias() { return lora_bias_; }
-  const Vector& grad_lora_bias() const { return grad_lora_bias_; }  ///< dL/db_B, accumulated
-  Vector& grad_lora_bias() { return grad_lora_bias_; }
+  bool has_lora_bias() const { return tensors().lora_bias.size() != 0; }
+  const Vector& lora_bias() const { return tensors().lora_bias; }  ///< b_B, length d (or empty)
+  Vector& lora_bias() { return tensors().lora_bias; }
+  const Vector& grad_lora_bias() const { return tensors().grad_lora_bias; }  ///< dL/db_B
+  Vector& grad_lora_bias() { return tensors().grad_lora_bias; }
 
   /// Gives the adapter a bias on B, set to b (length d), with a zero gradient.
   void set_lora_bias(const Eigen::Ref<const Vector>& b) {
     detail::require(b.size() == out_features(),
                     "LoRAAdapter::set_lora_bias: the bias must have length ", out_features(),
                     " (out_features), got ", b.size());
-    lora_bias_ = b;
-    grad_lora_bias_.setZero(b.size());
+    auto& t = tensors();
+    detail::assign_tensor(t.lora_bias, Vector(b), t.lora_bias_life);
+    detail::assign_tensor(t.grad_lora_bias, Vector(Vector::Zero(b.size())), t.lora_bias_life);
   }
 
-  /// Removes the bias on B.
+  /// Removes the bias on B (its views become stale).
   void clear_lora_bias() {
-    lora_bias_.resize(0);
-    grad_lora_bias_.resize(0);
+    auto& t = tensors();
+    if (t.lora_bias.size() != 0) ++t.lora_bias_life.generation;
+    t.lora_bias.resize(0);
+    t.grad_lora_bias.resize(0);
   }
 
   /// H += s * b_B on every column (nothing without a lora bias): the bias part of the adapter,
   /// which a merged weight cannot hold.   H: d x n.
   void add_lora_bias_term(Eigen::Ref<Matrix> H) const {
-    if (has_lora_bias()) H.colwise() += scaling_ * lora_bias_;
+    if (has_lora_bias()) H.colwise() += scaling_ * tensors().lora_bias;
   }
 
   /// True when A, B, the lora bias and their gradients hold no NaN or infinity. O(r (d + k)):
   /// cheap every step.
   bool all_finite() const {
-    return A_.allFinite() && B_.allFinite() && grad_A_.allFinite() && grad_B_.allFinite() &&
-           lora_bias_.allFinite() && grad_lora_bias_.allFinite();
+    const auto& t = tensors();
+    return t.A.allFinite() && t.B.allFinite() && t.grad_A.allFinite() && t.grad_B.allFinite() &&
+           t.lora_bias.allFinite() && t.grad_lora_bias.allFinite();
   }
 
   /// Throws std::domain_error naming the first NaN or infinity in A, B, grad_A, grad_B, the lora
   /// bias or its gradient (matrix, element, value), e.g. "LoRAAdapter::check_finite: grad_B(3, 0)
   /// is nan".
   void check_finite(const char* where = "LoRAAdapter::check_finite") const {
-    detail::require_finite(where, "A", A_);
-    detail::require_finite(where, "B", B_);
-    detail::require_finite(where, "grad_A", grad_A_);
-    detail::require_finite(where, "grad_B", grad_B_);
-    detail::require_finite(where, "lora_bias", lora_bias_);
-    detail::require_finite(where, "grad_lora_bias", grad_lora_bias_);
+    const auto& t = tensors();
+    detail::require_finite(where, "A", t.A);
+    detail::require_finite(where, "B", t.B);
+    detail::require_finite(where, "grad_A", t.grad_A);
+    detail::require_finite(where, "grad_B", t.grad_B);
+    detail::require_finite(where, "lora_bias", t.lora_bias);
+    detail::require_finite(where, "grad_lora_bias", t.grad_lora_bias);
   }
 
   /// H = s * B * (A * X) + bias (bias: length d, or empty for none), overwriting H in one pass, so
@@ -140,9 +263,10 @@ class LoRAAdapter {
   template <typename Bias>
   void assign_forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
                       Eigen::Ref<Matrix> AX, const Eigen::MatrixBase<Bias>& bias) const {
+    const auto& t = tensors();
     AX.setZero();
-    detail::gemm_add(AX, A_, X, T(1));                   // (r x k)(k x n): r*k*n
-    detail::assign_low_rank(H, scaling_, B_, AX, bias);  // (d x r)(r x n): d*r*n
+    detail::gemm_add(AX, t.A, X, T(1));                   // (r x k)(k x n): r*k*n
+    detail::assign_low_rank(H, scaling_, t.B, AX, bias);  // (d x r)(r x n): d*r*n
     add_lora_bias_term(H);  // a second pass over H only for PEFT's rare lora_bias
   }
 
@@ -153,27 +277,47 @@ class LoRAAdapter {
   /// AX and BtG are r x n scratch; BtG holds B^T G afterwards, for assign_input_gradient.
   void accumulate_gradients(const Eigen::Ref<const Matrix>& X, const Eigen::Ref<const Matrix>& G,
                             Eigen::Ref<Matrix> AX, Eigen::Ref<Matrix> BtG) {
+    auto& t = tensors();
     // Products on Eigen's kernel through detail::gemm_add: no allocation, no copy for a transpose.
     AX.setZero();
-    detail::gemm_add(AX, A_, X, T(1));  // (r x k)(k x n)
+    detail::gemm_add(AX, t.A, X, T(1));  // (r x k)(k x n)
     BtG.setZero();
-    detail::gemm_add(BtG, B_.transpose(), G, T(1));           // (r x d)(d x n)
-    detail::gemm_add(grad_B_, G, AX.transpose(), scaling_);   // (d x n)(n x r)
-    detail::gemm_add(grad_A_, BtG, X.transpose(), scaling_);  // (r x n)(n x k)
-    if (has_lora_bias()) grad_lora_bias_.noalias() += scaling_ * G.rowwise().sum();  // s * G * 1
+    detail::gemm_add(BtG, t.B.transpose(), G, T(1));           // (r x d)(d x n)
+    detail::gemm_add(t.grad_B, G, AX.transpose(), scaling_);   // (d x n)(n x r)
+    detail::gemm_add(t.grad_A, BtG, X.transpose(), scaling_);  // (r x n)(n x k)
+    if (has_lora_bias()) t.grad_lora_bias.noalias() += scaling_ * G.rowwise().sum();  // s * G * 1
   }
 
   /// dX = s * A^T * (B^T G), the adapter's share of dL/dX, overwriting dX in one pass (the frozen
   /// term W0^T G is accumulated after).   BtG: r x n,  dX: k x n.
   void assign_input_gradient(const Eigen::Ref<const Matrix>& BtG, Eigen::Ref<Matrix> dX) const {
-    detail::assign_low_rank(dX, scaling_, A_.transpose(), BtG, Vector());  // (k x r)(r x n)
+    detail::assign_low_rank(dX, scaling_, tensors().A.transpose(), BtG,
+                            Vector());  // (k x r)(r x n)
   }
 
  private:
+  detail::AdapterTensors<T>& tensors() {
+    detail::require_state(t_ != nullptr, "LoRAAdapter: this adapter was moved from");
+    return *t_;
+  }
+  const detail::AdapterTensors<T>& tensors() const {
+    detail::require_state(t_ != nullptr, "LoRAAdapter: this adapter was moved from");
+    return *t_;
+  }
+
+  template <typename M>
+  ParameterView<T> view(M& value, M& grad, std::string name, const TensorLifetime& life) {
+    return {{value.data(), value.rows(), value.cols()},
+            {grad.data(), grad.rows(), grad.cols()},
+            std::move(name),
+            t_,
+            &life,
+            life.generation};
+  }
+
   LoRAConfig config_;
   T scaling_{};
-  Matrix A_, B_, grad_A_, grad_B_;
-  Vector lora_bias_, grad_lora_bias_;  // empty without a lora bias
+  std::shared_ptr<detail::AdapterTensors<T>> t_;  // shared with the parameter views
 };
 
 }  // namespace lora

@@ -11,30 +11,35 @@
 //    fp32 (a conversion on top of the same product), but it computes the same numbers: a product
 //    of two bf16 values is exact in fp32, so both back ends differ only in summation order.
 //
-// Merge keeps the pristine bf16 W0 and builds round_bf16(W0 + s*B*A), computed in fp32, beside it
-// (the two bf16 copies together take the memory of one fp32 weight): unmerge is a flag, exact and
-// O(1), whatever the MergeMode (which this storage accepts and ignores: there is no drift to
-// trade for memory).
+// Merge computes diag(g)(W0 + s*B*A) in fp32 one column panel at a time and rounds it to bf16. With
+// MergeMode::ExactRestore (this storage's default) it is built beside the pristine bf16 W0 (the two
+// bf16 copies together take the memory of one fp32 weight) and unmerge is a flag, exact and O(1).
+// With MergeMode::InPlace it overwrites W0 and unmerge subtracts the factors again and rounds:
+// no second copy, but each cycle can move an element by bf16 rounding (about 2^-8 relative).
 #pragma once
 
-#include "lora/config.hpp"
 #include "lora/detail/bf16.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/detail/finite.hpp"
 #include "lora/detail/gemm.hpp"
 #include "lora/detail/low_rank.hpp"
+#include "lora/frozen_storage.hpp"
 
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <limits>
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #if defined(LORA_WITH_ONEDNN)
 #include "lora/onednn/matmul.hpp"
 
 #include <mutex>
-#include <vector>
 #endif
 
 namespace lora {
@@ -50,12 +55,14 @@ class Bf16FrozenWeight {
  public:
   using Scalar = float;
   using Matrix = Eigen::MatrixXf;
+  using Vector = Eigen::VectorXf;
   using Index = Eigen::Index;
 
-  /// Rounds W0 (out x in, fp32) to bf16 and stores it. `mode` is accepted for the seam and ignored
-  /// (unmerge is always exact here). Throws std::invalid_argument for an empty W0 or for
-  /// Bf16Backend::OneDnn without oneDNN.
-  explicit Bf16FrozenWeight(const Eigen::Ref<const Matrix>& W0, MergeMode mode = MergeMode::InPlace,
+  /// Rounds W0 (out x in, fp32) to bf16 and stores it. `mode`: ExactRestore (the default) merges
+  /// into a second bf16 buffer, InPlace into W0 itself (see the top of this file). Throws
+  /// std::invalid_argument for an empty W0 or for Bf16Backend::OneDnn without oneDNN.
+  explicit Bf16FrozenWeight(const Eigen::Ref<const Matrix>& W0,
+                            MergeMode mode = MergeMode::ExactRestore,
                             Bf16Backend backend = Bf16Backend::Auto)
       : mode_(mode), backend_(resolve(backend)) {
     detail::require(W0.size() > 0, "Bf16FrozenWeight: W0 must not be empty, got ",
@@ -98,6 +105,15 @@ class Bf16FrozenWeight {
   Bf16Backend backend() const {
     return backend_;
   }
+  /// The portable kernel allocates nothing in steady state; oneDNN's execute() makes a few small
+  /// allocations of its own per call.
+  bool allocation_free() const {
+    return backend_ == Bf16Backend::Portable && detail::kGemmAllocationFree;
+  }
+  /// Bytes of bf16 held: W0, and the merged copy once an ExactRestore merge has made it.
+  std::size_t stored_bytes() const {
+    return static_cast<std::size_t>(pristine_.size() + merged_.size()) * sizeof(detail::bf16);
+  }
 
   /// True when this build has the oneDNN back end and the CPU runs its bf16 matmul.
   static bool onednn_available() {
@@ -120,13 +136,40 @@ class Bf16FrozenWeight {
 #endif
   }
 
-  /// The bf16 weight in use: W0, or round(W0 + s*B*A) while merged.   d x k.
+  /// The bf16 weight in use: W0, or round(diag(g)(W0 + s*B*A)) while merged.   d x k.
   const detail::Bf16Matrix& bf16_weight() const {
-    return is_merged_ ? merged_ : pristine_;
+    return is_merged_ && mode_ == MergeMode::ExactRestore ? merged_ : pristine_;
   }
-  /// The pristine bf16 W0, whatever the merge state.   d x k.
+  /// The bf16 W0; throws std::logic_error while an InPlace merge has overwritten it.   d x k.
   const detail::Bf16Matrix& pristine_weight() const {
+    detail::require_state(!(is_merged_ && mode_ == MergeMode::InPlace),
+                          "Bf16FrozenWeight::pristine_weight: an InPlace merge holds the merged "
+                          "weight; unmerge() first");
     return pristine_;
+  }
+
+  /// The weight in use holds no NaN or infinity (a bf16 exponent of all ones); no allocation.
+  bool all_finite() const {
+    const detail::Bf16Matrix& w = bf16_weight();
+    for (Index i = 0; i < w.size(); ++i)
+      if (!bf16_finite(w.data()[i])) return false;
+    return true;
+  }
+
+  /// out(i) = ||row i of W0||, the bf16 W0 as stored, widened and accumulated in double one column
+  /// at a time. Throws std::logic_error while merged.
+  void row_norms(Eigen::Ref<Eigen::VectorXd> out) const {
+    detail::require_state(!is_merged_, "Bf16FrozenWeight::row_norms: the weight is merged");
+    detail::require(out.size() == out_features(), "Bf16FrozenWeight::row_norms: out must have ",
+                    out_features(), " elements, got ", out.size());
+    out.setZero();
+    const Index d = out_features();
+    for (Index j = 0; j < in_features(); ++j)
+      for (Index i = 0; i < d; ++i) {
+        const double w = detail::widen_bf16(pristine_(i, j));
+        out(i) += w * w;
+      }
+    out = out.cwiseSqrt();
   }
 
   /// The weight in use widened to fp32 (a new d x k matrix: for inspection and export).
@@ -145,42 +188,106 @@ class Bf16FrozenWeight {
   void multiply_add(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
     product(X, H, true);
   }
-  /// dX = W^T * bf16(G), accumulated in fp32.   G: d x n,  dX: k x n.
-  void multiply_transposed(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
-    transposed_product(G, dX, false);
-  }
-  /// dX += W^T * bf16(G).
+  /// dX += W^T * bf16(G), accumulated in fp32.   G: d x n,  dX: k x n.
   void multiply_transposed_add(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
     transposed_product(G, dX, true);
   }
 
-  /// Builds round_bf16(W0 + s * B * A) beside W0, computed in fp32 one column panel at a time
-  /// (allocates the second bf16 buffer on the first merge only).   B: d x r,  A: r x k.
-  void merge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A) {
+  /// W = round_bf16(diag(g) (W0 + s * B * A)) (B: d x r, A: r x k, g: d or empty), computed in
+  /// fp32 one column panel at a time: beside W0 (ExactRestore; the second buffer is allocated on
+  /// the first merge only) or over it (InPlace). Throws std::domain_error, leaving the weight as it
+  /// was, where an element that was finite in W0 is not finite in bf16 (a bf16 rounds anything
+  /// above about 3.3962e38 to infinity, although fp32 holds it).
+  void merge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
+             const Eigen::Ref<const Vector>& g) {
     detail::require_state(!is_merged_, "Bf16FrozenWeight::merge: a delta is already merged");
-    const Index d = out_features(), k = in_features();
-    merged_.resize(d, k);
-    const Index panel = std::min<Index>(k, detail::panel_columns(d, 4, 8));
-    const Index panels = (k + panel - 1) / panel;
-    detail::parallel_for(panels, Eigen::nbThreads(), [&](Index p) {  // independent panels
-      const Index j = p * panel;
-      const Index w = std::min(panel, k - j);
-      Eigen::Map<Matrix> tmp(scratch(0, d * panel), d, w);
-      detail::from_bf16(pristine_.data() + j * d, tmp.data(), d * w);
-      detail::gemm_add(tmp, B, A.middleCols(j, w), s);  // (d x r)(r x w), in fp32
-      detail::to_bf16(tmp.data(), merged_.data() + j * d, d * w);
-    });
+    require_row_scale(g);
+    if (mode_ == MergeMode::ExactRestore) {
+      merged_.resize(out_features(), in_features());
+      for_each_merged_panel(s, B, A, g, &merged_);  // a refusal leaves W0 as it was
+    } else {
+      detail::require(g.size() == 0 || (g.array() != 0.0f).all(),
+                      "Bf16FrozenWeight::merge: an InPlace merge cannot undo a zero row scale; "
+                      "use MergeMode::ExactRestore");
+      for_each_merged_panel(s, B, A, g, nullptr);     // check every element first,
+      for_each_merged_panel(s, B, A, g, &pristine_);  // then overwrite W0
+    }
     is_merged_ = true;
   }
 
-  /// Back to the pristine W0: exact and O(1) (the merged copy is kept for the next merge).
-  void unmerge(float /*s*/, const Eigen::Ref<const Matrix>& /*B*/,
-               const Eigen::Ref<const Matrix>& /*A*/) {
+  /// Back to W0: a flag (ExactRestore: exact, O(1)), or W = round_bf16(diag(1/g) W - s B A) with
+  /// the factors of the merge (InPlace).
+  void unmerge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
+               const Eigen::Ref<const Vector>& g) {
     detail::require_state(is_merged_, "Bf16FrozenWeight::unmerge: nothing is merged");
+    require_row_scale(g);
+    if (mode_ == MergeMode::InPlace) {
+      const Index d = out_features(), k = in_features();
+      const Index panel = std::min<Index>(k, detail::panel_columns(d, 4, 8));
+      const Index panels = (k + panel - 1) / panel;
+      detail::parallel_for(panels, Eigen::nbThreads(), [&](Index p) {
+        const Index j = p * panel, w = std::min(panel, k - j);
+        Eigen::Map<Matrix> tmp(scratch(0, d * panel), d, w);
+        detail::from_bf16(pristine_.data() + j * d, tmp.data(), d * w);
+        if (g.size() != 0) tmp = g.cwiseInverse().asDiagonal() * tmp;
+        detail::gemm_add(tmp, B, A.middleCols(j, w), -s);  // (d x r)(r x w), in fp32
+        detail::to_bf16(tmp.data(), pristine_.data() + j * d, d * w);
+      });
+    }
     is_merged_ = false;
   }
 
  private:
+  static bool bf16_finite(detail::bf16 h) {
+    return (h & 0x7F80u) != 0x7F80u;
+  }
+
+  void require_row_scale(const Eigen::Ref<const Vector>& g) const {
+    detail::require(g.size() == 0 || g.size() == out_features(),
+                    "Bf16FrozenWeight: the row scale must have ", out_features(),
+                    " elements or none, got ", g.size());
+  }
+
+  /// Computes diag(g)(W0 + s B A) panel by panel in fp32 and, where `dst` is given, writes it
+  /// rounded to bf16 into *dst. Throws std::domain_error (after the panels, never from inside a
+  /// parallel region) at the first element finite in W0 whose bf16 is not finite.
+  void for_each_merged_panel(float s, const Eigen::Ref<const Matrix>& B,
+                             const Eigen::Ref<const Matrix>& A, const Eigen::Ref<const Vector>& g,
+                             detail::Bf16Matrix* dst) {
+    const Index d = out_features(), k = in_features();
+    const Index panel = std::min<Index>(k, detail::panel_columns(d, 4, 8));
+    const Index panels = (k + panel - 1) / panel;
+    std::vector<Index> first_bad(static_cast<std::size_t>(panels), -1);  // column-major index
+    detail::parallel_for(panels, Eigen::nbThreads(), [&](Index p) {      // independent panels
+      const Index j = p * panel, w = std::min(panel, k - j);
+      Eigen::Map<Matrix> tmp(scratch(0, d * panel), d, w);
+      detail::from_bf16(pristine_.data() + j * d, tmp.data(), d * w);
+      detail::gemm_add(tmp, B, A.middleCols(j, w), s);  // (d x r)(r x w), in fp32
+      if (g.size() != 0) tmp = g.asDiagonal() * tmp;
+      for (Index e = 0; e < d * w; ++e) {
+        if (!bf16_finite(detail::round_to_bf16(tmp.data()[e])) &&
+            bf16_finite(pristine_.data()[j * d + e])) {
+          first_bad[static_cast<std::size_t>(p)] = j * d + e;
+          return;
+        }
+      }
+      if (dst != nullptr) detail::to_bf16(tmp.data(), dst->data() + j * d, d * w);
+    });
+    for (Index p = 0; p < panels; ++p) {
+      const Index e = first_bad[static_cast<std::size_t>(p)];
+      if (e < 0) continue;
+      const Index i = e % d, jj = e / d;
+      const double value = static_cast<double>(detail::widen_bf16(pristine_(i, jj))) +
+                           static_cast<double>(s) * B.row(i).template cast<double>().dot(
+                                                        A.col(jj).template cast<double>());
+      throw std::domain_error(
+          detail::concat("Bf16FrozenWeight::merge: the merged weight overflows bf16 at (", i, ", ",
+                         jj, "): W0 = ", detail::widen_bf16(pristine_(i, jj)), " becomes ",
+                         g.size() ? value * static_cast<double>(g(i)) : value,
+                         " (bf16 holds at most 3.3895e38); the weight was left as it was"));
+    }
+  }
+
   static Bf16Backend resolve(Bf16Backend wanted) {
     if (wanted == Bf16Backend::Portable) return wanted;
 #if defined(LORA_WITH_ONEDNN)

@@ -2,7 +2,6 @@
 #pragma once
 
 #include "lora/detail/check.hpp"
-#include "lora/frozen_storage.hpp"
 
 #include <cmath>
 #include <cstdint>
@@ -26,7 +25,6 @@ struct LoRAConfig {
   bool use_rslora = false;     ///< rsLoRA (arXiv 2312.03732): s = alpha / sqrt(r), not alpha / r.
   Init init = Init::Gaussian;  ///< How A is drawn; B is always zero.
   std::uint64_t seed = 0;      ///< Seed of A's draw: the same seed gives the same A everywhere.
-  MergeMode merge_mode = MergeMode::InPlace;
   /// lora_dropout: probability p in [0, 1) of zeroing an element of the adapter's input in
   /// training mode (inverted dropout: kept elements are scaled by 1 / (1 - p)). 0 turns it off.
   double dropout = 0.0;

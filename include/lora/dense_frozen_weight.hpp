@@ -1,28 +1,18 @@
-// DenseFrozenWeight<T>: the frozen base weight W0 of a LoRA layer, stored as a dense Eigen matrix.
-//
-// This is the seam between the trainable adapter and the frozen side. LoRALinear talks to its
-// frozen storage only through the members below, so another storage (a bf16 weight multiplied by
-// oneDNN, a quantised one) slots in as a second template argument without touching adapter code:
-//
-//   Index out_features() const, in_features() const
-//   void multiply(X, H) const            H = W * X              (X: k x n, H: d x n, overwritten)
-//   void multiply_transposed(G, dX) const dX = W^T * G          (G: d x n, dX: k x n, overwritten)
-//   void multiply_add(X, H) const        H += W * X             (the layer starts H with its
-//   void multiply_transposed_add(G, dX) const dX += W^T * G      low-rank term and bias, then adds)
-//   void merge(s, B, A)                   W = W0 + s * B * A
-//   void unmerge(s, B, A)                 W = W0 again (exactly or to a documented bound)
-//   bool is_merged() const
-//   weight() const                        the weight now in use (W0, or the merged weight)
+// DenseFrozenWeight<T>: the frozen base weight W0 of a LoRA layer, stored as a dense Eigen matrix
+// of T (float or double). The reference storage of the frozen-storage contract
+// (frozen_storage.hpp), and the default of every layer.
 #pragma once
 
-#include "lora/config.hpp"
 #include "lora/detail/check.hpp"
 #include "lora/detail/finite.hpp"
 #include "lora/detail/gemm.hpp"
 #include "lora/detail/low_rank.hpp"
+#include "lora/frozen_storage.hpp"
 
 #include <Eigen/Core>
 
+#include <cmath>
+#include <cstddef>
 #include <utility>
 
 namespace lora {
@@ -32,9 +22,11 @@ class DenseFrozenWeight {
  public:
   using Scalar = T;
   using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
   using Index = Eigen::Index;
 
-  /// Takes W0 (out x in, like torch.nn.Linear.weight); pass an rvalue to move it in.
+  /// Takes W0 (out x in, like torch.nn.Linear.weight); pass an rvalue to move it in. `mode` says
+  /// how unmerge() restores W0 (InPlace, PEFT's way, is the default).
   explicit DenseFrozenWeight(Matrix W0, MergeMode mode = MergeMode::InPlace)
       : weight_(std::move(W0)), mode_(mode) {
     detail::require(weight_.size() > 0, "DenseFrozenWeight: W0 must not be empty, got ",
@@ -45,22 +37,35 @@ class DenseFrozenWeight {
   Index in_features() const { return weight_.cols(); }
   MergeMode merge_mode() const { return mode_; }
   bool is_merged() const { return merged_; }
+  /// The products run on Eigen's kernel with per-thread buffers (detail/gemm.hpp): none allocates
+  /// once the buffers have grown (unless Eigen's public products are forced, see gemm.hpp).
+  bool allocation_free() const { return detail::kGemmAllocationFree; }
 
-  /// The weight in use now: W0, or W0 + s*B*A while merged.
-  const Matrix& weight() const { return weight_; }
+  /// The weight in use (W0, or the merged weight), by reference: no copy.
+  const Matrix& matrix() const { return weight_; }
+  /// The weight in use as a new matrix (the contract's weight(); matrix() avoids the copy).
+  Matrix weight() const { return weight_; }
+  bool all_finite() const { return weight_.allFinite(); }
+  std::size_t stored_bytes() const {
+    return static_cast<std::size_t>(weight_.size() + spare_.size()) * sizeof(T);
+  }
+
+  /// out(i) = ||row i of W0||, accumulated in double one column at a time (no d x k temporary).
+  void row_norms(Eigen::Ref<Eigen::VectorXd> out) const {
+    detail::require_state(!merged_, "DenseFrozenWeight::row_norms: the weight is merged");
+    detail::require(out.size() == out_features(), "DenseFrozenWeight::row_norms: out must have ",
+                    out_features(), " elements, got ", out.size());
+    out.setZero();
+    for (Index j = 0; j < in_features(); ++j)
+      out.array() += weight_.col(j).template cast<double>().array().square();
+    out = out.cwiseSqrt();
+  }
 
   /// H = W * X.   W: d x k,  X: k x n,  H: d x n (overwritten; must not alias X).
-  /// The products run on Eigen's kernel without allocating (detail/gemm.hpp), on
-  /// Eigen::nbThreads() threads when compiled with OpenMP.
+  /// On Eigen::nbThreads() threads when compiled with OpenMP.
   void multiply(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
     H.setZero();  // as Eigen's own H = W * X does
     detail::gemm_add(H, weight_, X, T(1));
-  }
-
-  /// dX = W^T * G.   G: d x n,  dX: k x n (overwritten; must not alias G).
-  void multiply_transposed(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
-    dX.setZero();
-    detail::gemm_add(dX, weight_.transpose(), G, T(1));
   }
 
   /// H += W * X. Eigen's `H = W * X` zeroes H and then accumulates into it, so starting H with
@@ -74,26 +79,36 @@ class DenseFrozenWeight {
     detail::gemm_add(dX, weight_.transpose(), G, T(1));  // (k x d)(d x n)
   }
 
-  /// W = W0 + s * B * A (B: d x r, A: r x k), without a d x k temporary. In ExactRestore mode the
-  /// merged weight is built in a second buffer and W0 is kept untouched beside it.
-  /// Throws std::domain_error, leaving the weight as it was, when the sum overflows T where W0 was
-  /// finite (an infinity would survive unmerge() and corrupt W0 for good). In InPlace mode a cheap
-  /// O(r (d + k)) bound proves that impossible for any sane weight; only when the values come
-  /// within a factor 4 of T's largest is the sum built aside in a d x k temporary and checked.
-  void merge(T s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A) {
+  /// W = diag(g) (W0 + s B A) (B: d x r, A: r x k, g: d or empty for none), without a d x k
+  /// temporary in the common case. ExactRestore builds it in a second buffer beside W0.
+  /// Throws std::domain_error, leaving the weight as it was, where the result is not finite
+  /// although W0 was (an infinity would survive unmerge() and corrupt W0 for good). InPlace mode
+  /// updates in place when a cheap O(r (d + k)) bound proves that impossible, and otherwise builds
+  /// the sum aside and checks it first.
+  void merge(T s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
+             const Eigen::Ref<const Vector>& g) {
     detail::require_state(!merged_, "DenseFrozenWeight::merge: a delta is already merged");
+    require_row_scale(g);
     if (mode_ == MergeMode::ExactRestore) {
       spare_.resize(weight_.rows(), weight_.cols());  // allocates on the first merge only
-      detail::add_low_rank(spare_, weight_, s, B, A);
+      build(spare_, s, B, A, g);
       detail::require_update_finite("DenseFrozenWeight::merge", spare_, weight_);
       weight_.swap(spare_);  // spare_ now holds the pristine W0
     } else {
+      detail::require(g.size() == 0 || (g.array() != T(0)).all(),
+                      "DenseFrozenWeight::merge: an InPlace merge cannot undo a zero row scale; "
+                      "use MergeMode::ExactRestore");
       if (w0_max_abs_ < 0) w0_max_abs_ = detail::max_abs_finite(weight_);  // W is W0 here
-      if (detail::update_surely_finite<T>(w0_max_abs_, detail::low_rank_abs_bound(s, B, A))) {
-        detail::add_low_rank(weight_, weight_, s, B, A);
+      const double g_max = g.size() ? static_cast<double>(g.cwiseAbs().maxCoeff()) : 1.0;
+      const double g_min = g.size() ? static_cast<double>(g.cwiseAbs().minCoeff()) : 1.0;
+      // |diag(g)(W0 + D)| <= g_max (w0 + delta); the unmerge divides by g again (<= that / g_min).
+      const double bound = detail::low_rank_abs_bound(s, B, A);
+      if (detail::update_surely_finite<T>(g_max * w0_max_abs_, g_max * bound) &&
+          detail::update_surely_finite<T>(w0_max_abs_ * g_max / g_min, bound * g_max / g_min)) {
+        build(weight_, s, B, A, g);
       } else {
         Matrix merged(weight_.rows(), weight_.cols());
-        detail::add_low_rank(merged, weight_, s, B, A);
+        build(merged, s, B, A, g);
         detail::require_update_finite("DenseFrozenWeight::merge", merged, weight_);
         weight_.swap(merged);
       }
@@ -101,18 +116,35 @@ class DenseFrozenWeight {
     merged_ = true;
   }
 
-  /// Back to W0: a swap in ExactRestore mode (bit-exact, O(1)), W -= s*B*A in InPlace mode.
-  void unmerge(T s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A) {
+  /// Back to W0: a swap in ExactRestore mode (bit-exact, O(1)); in InPlace mode
+  /// W = diag(1/g) W - s B A with the factors of the merge.
+  void unmerge(T s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
+               const Eigen::Ref<const Vector>& g) {
     detail::require_state(merged_, "DenseFrozenWeight::unmerge: nothing is merged");
+    require_row_scale(g);
     if (mode_ == MergeMode::ExactRestore) {
       weight_.swap(spare_);
     } else {
+      if (g.size() != 0) weight_ = g.cwiseInverse().asDiagonal() * weight_;
       detail::add_low_rank(weight_, weight_, T(-s), B, A);
     }
     merged_ = false;
   }
 
  private:
+  void require_row_scale(const Eigen::Ref<const Vector>& g) const {
+    detail::require(g.size() == 0 || g.size() == out_features(),
+                    "DenseFrozenWeight: the row scale must have ", out_features(),
+                    " elements or none, got ", g.size());
+  }
+
+  /// dst = diag(g) (W + s B A), where W is the weight now (W0); dst may be weight_ itself.
+  void build(Matrix& dst, T s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
+             const Eigen::Ref<const Vector>& g) const {
+    detail::add_low_rank(dst, weight_, s, B, A);
+    if (g.size() != 0) dst = g.asDiagonal() * dst;
+  }
+
   Matrix weight_;
   Matrix spare_;  // ExactRestore: the pristine W0 while merged
   MergeMode mode_;

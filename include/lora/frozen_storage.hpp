@@ -6,10 +6,11 @@
 // the same promises:
 //
 //   using Scalar                     float or double: the type of X, H, G, dX and of the adapter.
-//   using Matrix, Vector             Eigen::Matrix<Scalar, Dynamic, Dynamic> and <Scalar, Dynamic, 1>.
-//   static constexpr bool kAllocationFree
-//                                    true when the three products allocate nothing in steady state
-//                                    (the conformance tests hold the storage to it).
+//   using Matrix, Vector             Eigen::Matrix<Scalar, Dynamic, Dynamic> and <Scalar, Dynamic,
+//   1>. bool allocation_free() const     true when the three products allocate nothing in steady
+//   state
+//                                    (the conformance tests hold the storage to it); may depend on
+//                                    the back end chosen at run time.
 //   Index out_features() const       d
 //   Index in_features() const        k
 //
@@ -91,36 +92,37 @@ struct has_scalar<F, std::enable_if_t<std::is_same_v<typename F::Scalar, float> 
                                       std::is_same_v<typename F::Scalar, double>>>
     : std::true_type {};
 
-#define LORA_STORAGE_DETECTOR(name, ...)                                      \
-  template <typename F, typename = void>                                      \
-  struct name : std::false_type {};                                           \
-  template <typename F>                                                       \
+#define LORA_STORAGE_DETECTOR(name, ...) \
+  template <typename F, typename = void> \
+  struct name : std::false_type {};      \
+  template <typename F>                  \
   struct name<F, std::void_t<decltype(__VA_ARGS__)>> : std::true_type {};
 
-LORA_STORAGE_DETECTOR(has_allocation_free, bool{F::kAllocationFree})
+LORA_STORAGE_DETECTOR(has_allocation_free, bool{std::declval<const F&>().allocation_free()})
 LORA_STORAGE_DETECTOR(has_out_features, Eigen::Index{std::declval<const F&>().out_features()})
 LORA_STORAGE_DETECTOR(has_in_features, Eigen::Index{std::declval<const F&>().in_features()})
-LORA_STORAGE_DETECTOR(has_multiply, std::declval<const F&>().multiply(
-                                        std::declval<CRef<F>>(), std::declval<MRef<F>>()))
-LORA_STORAGE_DETECTOR(has_multiply_add, std::declval<const F&>().multiply_add(
-                                            std::declval<CRef<F>>(), std::declval<MRef<F>>()))
+LORA_STORAGE_DETECTOR(has_multiply, std::declval<const F&>().multiply(std::declval<CRef<F>>(),
+                                                                      std::declval<MRef<F>>()))
+LORA_STORAGE_DETECTOR(has_multiply_add,
+                      std::declval<const F&>().multiply_add(std::declval<CRef<F>>(),
+                                                            std::declval<MRef<F>>()))
 LORA_STORAGE_DETECTOR(has_multiply_transposed_add,
                       std::declval<const F&>().multiply_transposed_add(std::declval<CRef<F>>(),
                                                                        std::declval<MRef<F>>()))
-LORA_STORAGE_DETECTOR(has_merge, std::declval<F&>().merge(
-                                     std::declval<typename F::Scalar>(), std::declval<CRef<F>>(),
-                                     std::declval<CRef<F>>(),
-                                     std::declval<const Eigen::Ref<const VectorOf<F>>&>()))
-LORA_STORAGE_DETECTOR(has_unmerge, std::declval<F&>().unmerge(
-                                       std::declval<typename F::Scalar>(), std::declval<CRef<F>>(),
-                                       std::declval<CRef<F>>(),
-                                       std::declval<const Eigen::Ref<const VectorOf<F>>&>()))
+LORA_STORAGE_DETECTOR(
+    has_merge, std::declval<F&>().merge(std::declval<typename F::Scalar>(), std::declval<CRef<F>>(),
+                                        std::declval<CRef<F>>(),
+                                        std::declval<const Eigen::Ref<const VectorOf<F>>&>()))
+LORA_STORAGE_DETECTOR(
+    has_unmerge, std::declval<F&>().unmerge(std::declval<typename F::Scalar>(),
+                                            std::declval<CRef<F>>(), std::declval<CRef<F>>(),
+                                            std::declval<const Eigen::Ref<const VectorOf<F>>&>()))
 LORA_STORAGE_DETECTOR(has_is_merged, bool{std::declval<const F&>().is_merged()})
 LORA_STORAGE_DETECTOR(has_merge_mode, MergeMode{std::declval<const F&>().merge_mode()})
 LORA_STORAGE_DETECTOR(has_weight, MatrixOf<F>{std::declval<const F&>().weight()})
 LORA_STORAGE_DETECTOR(has_all_finite, bool{std::declval<const F&>().all_finite()})
-LORA_STORAGE_DETECTOR(has_row_norms, std::declval<const F&>().row_norms(
-                                         std::declval<Eigen::Ref<Eigen::VectorXd>>()))
+LORA_STORAGE_DETECTOR(
+    has_row_norms, std::declval<const F&>().row_norms(std::declval<Eigen::Ref<Eigen::VectorXd>>()))
 LORA_STORAGE_DETECTOR(has_stored_bytes, std::size_t{std::declval<const F&>().stored_bytes()})
 
 #undef LORA_STORAGE_DETECTOR
@@ -136,11 +138,10 @@ inline constexpr bool is_frozen_storage_v = [] {
   } else {
     return has_allocation_free<F>::value && has_out_features<F>::value &&
            has_in_features<F>::value && has_multiply<F>::value && has_multiply_add<F>::value &&
-           has_multiply_transposed_add<F>::value && has_merge<F>::value &&
-           has_unmerge<F>::value && has_is_merged<F>::value && has_merge_mode<F>::value &&
-           has_weight<F>::value && has_all_finite<F>::value && has_row_norms<F>::value &&
-           has_stored_bytes<F>::value && std::is_copy_constructible_v<F> &&
-           std::is_move_constructible_v<F>;
+           has_multiply_transposed_add<F>::value && has_merge<F>::value && has_unmerge<F>::value &&
+           has_is_merged<F>::value && has_merge_mode<F>::value && has_weight<F>::value &&
+           has_all_finite<F>::value && has_row_norms<F>::value && has_stored_bytes<F>::value &&
+           std::is_copy_constructible_v<F> && std::is_move_constructible_v<F>;
   }
 }();
 
@@ -154,8 +155,8 @@ constexpr bool check_frozen_storage() {
                 "of the layer's inputs, outputs and adapter. See lora/frozen_storage.hpp.");
   if constexpr (has_scalar<F>::value) {
     static_assert(has_allocation_free<F>::value,
-                  "lora: a frozen storage must declare `static constexpr bool kAllocationFree`: "
-                  "whether its products allocate nothing in steady state.");
+                  "lora: a frozen storage must provide `bool allocation_free() const`: whether its "
+                  "products allocate nothing in steady state.");
     static_assert(has_out_features<F>::value && has_in_features<F>::value,
                   "lora: a frozen storage must provide `Index out_features() const` and "
                   "`Index in_features() const` (d and k of the d x k weight).");

@@ -2,11 +2,14 @@
 #pragma once
 
 #include "lora/adapter.hpp"
+#include "lora/adapter_layer.hpp"
 #include "lora/bf16_frozen_weight.hpp"
 #include "lora/config.hpp"
 #include "lora/dense_frozen_weight.hpp"
+#include "lora/frozen_storage.hpp"
 #include "lora/lora_linear.hpp"
 #include "lora/optim.hpp"
+#include "lora/parameter.hpp"
 #include "lora/random.hpp"
 #include "lora/version.hpp"
 #include "lora/workspace.hpp"

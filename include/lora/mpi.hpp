@@ -109,6 +109,7 @@ class DataParallel {
 
   /// grad ← (Σ over ranks of grad) / size, for every parameter: one MPI_Allreduce.
   void average_gradients() {
+    lora::detail::require_valid("lora::mpi::DataParallel::average_gradients", params_);
     pack([](const ParameterView<T>& p) -> const auto& { return p.grad; });
     detail::check(MPI_Allreduce(MPI_IN_PLACE, buffer_.data(), static_cast<int>(count_),
                                 detail::datatype<T>(), MPI_SUM, comm_),
@@ -123,6 +124,7 @@ class DataParallel {
   void broadcast_parameters(int root = 0) {
     lora::detail::require(root >= 0 && root < size_,
                           "lora::mpi::DataParallel: root must be in [0, ", size_, "), got ", root);
+    lora::detail::require_valid("lora::mpi::DataParallel::broadcast_parameters", params_);
     pack([](const ParameterView<T>& p) -> const auto& { return p.value; });
     detail::check(
         MPI_Bcast(buffer_.data(), static_cast<int>(count_), detail::datatype<T>(), root, comm_),

@@ -2,14 +2,16 @@
 // train): SGD with momentum / Nesterov / weight decay and AdamW, with PyTorch's update rules
 // (torch.optim.SGD and torch.optim.AdamW), plus clipping by global gradient norm.
 //
-// A ParameterView is a (value, gradient) pair of Eigen::Maps onto storage owned elsewhere (a
-// LoRALinear, a trainer's own matrices). Optimizers keep state only for the views they are given,
-// so a frozen W0 has no optimizer state and is never written. State is allocated when the
-// optimizer is built: step() allocates nothing.
+// A ParameterView (parameter.hpp) is a (value, gradient) pair of Eigen::Maps onto storage owned
+// elsewhere (an adapter, a trainer's own matrices). Optimizers keep state only for the views they
+// are given, so a frozen W0 has no optimizer state and is never written. State is allocated when
+// the optimizer is built: step() allocates nothing. Every call checks first that no view is stale
+// (its adapter replaced by one of another shape, or destroyed) and throws std::logic_error naming
+// it, before anything is updated.
 #pragma once
 
 #include "lora/detail/check.hpp"
-#include "lora/lora_linear.hpp"
+#include "lora/parameter.hpp"
 
 #include <Eigen/Core>
 
@@ -21,48 +23,20 @@
 
 namespace lora {
 
-/// One trainable tensor: its value and its gradient dL/dvalue, of the same shape, column-major.
-/// The views point into storage owned elsewhere, which must outlive them and must not be resized
-/// or moved (e.g. a std::vector of layers growing) while they are in use.
-template <typename T>
-struct ParameterView {
-  Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>> value;
-  Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>> grad;  ///< same shape as value
-};
+namespace detail {
 
-/// A view of a matrix parameter and its gradient; throws std::invalid_argument when the shapes
-/// differ or when both are the same storage.
+/// Throws std::logic_error naming the first stale view; nothing is touched before the check.
 template <typename T>
-ParameterView<T> make_parameter(Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>& value,
-                                Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>& grad) {
-  detail::require_shape("lora::make_parameter", "grad", grad, value.rows(), value.cols());
-  detail::require_no_alias("lora::make_parameter", "grad", grad, "value", value);
-  return {{value.data(), value.rows(), value.cols()}, {grad.data(), grad.rows(), grad.cols()}};
+void require_valid(const char* where, const std::vector<ParameterView<T>>& params) {
+  for (const auto& p : params) p.require_valid(where);
 }
 
-/// A view of a vector parameter (a bias, say) as an n x 1 matrix.
-template <typename T>
-ParameterView<T> make_parameter(Eigen::Matrix<T, Eigen::Dynamic, 1>& value,
-                                Eigen::Matrix<T, Eigen::Dynamic, 1>& grad) {
-  detail::require_shape("lora::make_parameter", "grad", grad, value.rows(), value.cols());
-  detail::require_no_alias("lora::make_parameter", "grad", grad, "value", value);
-  return {{value.data(), value.rows(), 1}, {grad.data(), grad.rows(), 1}};
-}
-
-/// The adapter of a layer as two parameters: {A, grad_A} (r x k) and {B, grad_B} (d x r). Throws
-/// std::logic_error while the layer is merged. The frozen weight and bias are not included.
-template <typename T, typename F>
-std::vector<ParameterView<T>> adapter_parameters(LoRALinear<T, F>& layer) {
-  std::vector<ParameterView<T>> params;
-  params.reserve(2);
-  params.push_back(make_parameter(layer.A(), layer.grad_A()));
-  params.push_back(make_parameter(layer.B(), layer.grad_B()));
-  return params;
-}
+}  // namespace detail
 
 /// Sets every gradient to zero (a trainer's zero_grad over all its layers at once).
 template <typename T>
 void zero_grad(const std::vector<ParameterView<T>>& params) {
+  detail::require_valid("lora::zero_grad", params);
   for (const auto& p : params) {
     auto grad = p.grad;  // a copy of the view, writable: the storage is not the vector's
     grad.setZero();
@@ -86,6 +60,7 @@ template <typename T>
 T clip_grad_norm(const std::vector<ParameterView<T>>& params, T max_norm) {
   detail::require(std::isfinite(static_cast<double>(max_norm)) && max_norm >= T(0),
                   "lora::clip_grad_norm: max_norm must be finite and >= 0, got ", max_norm);
+  detail::require_valid("lora::clip_grad_norm", params);
   double sum_sq = 0;  // accumulated in double: a sum of many float squares loses digits
   for (const auto& p : params) {
     const double n = static_cast<double>(p.grad.norm());
@@ -180,6 +155,7 @@ class SGD {
 
   /// One update of every parameter from its current gradient; allocates nothing.
   void step() {
+    detail::require_valid("lora::SGD::step", params_);
     const T lr = static_cast<T>(options_.lr);
     const T mu = static_cast<T>(options_.momentum);
     const T wd = static_cast<T>(options_.weight_decay);
@@ -277,6 +253,7 @@ class AdamW {
 
   /// One update of every parameter from its current gradient; allocates nothing.
   void step() {
+    detail::require_valid("lora::AdamW::step", params_);
     ++steps_;
     const double t = static_cast<double>(steps_);
     const double bias1 = 1.0 - std::pow(options_.beta1, t);

@@ -4,7 +4,21 @@
 
 #include <Eigen/Core>
 
+#include <cstddef>
+
 namespace lora {
+
+/// The scratch buffers a layer uses, by role. Every call of a layer that takes a Workspace uses
+/// these names, so two roles can never share a buffer by accident.
+enum class Slot : int {
+  LowRank,         ///< A X, r x n: the adapter's input projected to rank r
+  BackProjected,   ///< B^T G, r x n: the output gradient projected to rank r
+  MaskedInput,     ///< M .* X, k x n: the adapter's input under LoRA dropout
+  GatheredInput,   ///< k x n_a: the columns of one adapter in a mixed batch
+  GatheredGrad,    ///< d x n_a: their output gradients
+  GatheredOutput,  ///< d x n_a or k x n_a: one adapter's term before it is scattered back
+  Count            ///< the number of slots (not a slot)
+};
 
 template <typename T>
 class Workspace {
@@ -12,15 +26,26 @@ class Workspace {
   using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
   using View = Eigen::Map<Matrix>;
 
-  /// A rows x cols scratch matrix; slot 0..kSlots-1 are independent buffers. The storage grows
+  /// A rows x cols scratch matrix in `slot`; the slots are independent buffers. A buffer grows
   /// when a larger view is asked for and is never shrunk, so steady-state calls do not allocate.
-  View get(int slot, Eigen::Index rows, Eigen::Index cols) {
-    Buffer& b = slots_[slot];
+  /// The contents are unspecified.
+  View get(Slot slot, Eigen::Index rows, Eigen::Index cols) {
+    const int i = static_cast<int>(slot);
+    eigen_assert(i >= 0 && i < kSlots && "lora::Workspace: no such slot");
+    eigen_assert(rows >= 0 && cols >= 0 && "lora::Workspace: negative size");
+    Buffer& b = slots_[i];
     if (b.size() < rows * cols) b.resize(rows * cols);
     return View(b.data(), rows, cols);
   }
 
-  static constexpr int kSlots = 4;
+  /// Bytes held by all slots.
+  std::size_t bytes() const {
+    std::size_t n = 0;
+    for (const Buffer& b : slots_) n += static_cast<std::size_t>(b.size()) * sizeof(T);
+    return n;
+  }
+
+  static constexpr int kSlots = static_cast<int>(Slot::Count);
 
  private:
   using Buffer = Eigen::Matrix<T, Eigen::Dynamic, 1>;

@@ -5,12 +5,24 @@
 
 #include <Eigen/Core>
 
+#include <ostream>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
 
 namespace lora::detail {
+
+/// "Face::method" in a message, without building a string unless the message is built: the one
+/// layer core serves several faces (LoRALinear, MultiLoRALinear) and names the one in use.
+struct Where {
+  const char* face;
+  const char* method;
+};
+
+inline std::ostream& operator<<(std::ostream& out, const Where& w) {
+  return out << w.face << "::" << w.method;
+}
 
 /// "rows x cols", the way every shape appears in an error message.
 inline std::string shape_string(Eigen::Index rows, Eigen::Index cols) {
@@ -38,8 +50,8 @@ void require_state(bool ok, Parts&&... message) {
 }
 
 /// Throws unless `actual` is rows x cols; `what` names the argument ("X", "G", ...).
-template <typename Derived>
-void require_shape(const char* where, const char* what, const Eigen::EigenBase<Derived>& actual,
+template <typename Derived, typename W = const char*>
+void require_shape(const W& where, const char* what, const Eigen::EigenBase<Derived>& actual,
                    Eigen::Index rows, Eigen::Index cols) {
   if (actual.rows() != rows || actual.cols() != cols) {
     throw std::invalid_argument(concat(where, ": ", what, " must be ", shape_string(rows, cols),
@@ -48,8 +60,8 @@ void require_shape(const char* where, const char* what, const Eigen::EigenBase<D
 }
 
 /// Throws unless `actual` has `rows` rows (any column count): the batch dimension is free.
-template <typename Derived>
-void require_rows(const char* where, const char* what, const Eigen::EigenBase<Derived>& actual,
+template <typename Derived, typename W = const char*>
+void require_rows(const W& where, const char* what, const Eigen::EigenBase<Derived>& actual,
                   Eigen::Index rows, const char* meaning) {
   if (actual.rows() != rows) {
     throw std::invalid_argument(concat(where, ": ", what, " must have ", rows, " rows (", meaning,
@@ -77,8 +89,8 @@ bool overlaps(const A& a, const B& b) {
   return a0 < b1 && b0 < a1;
 }
 
-template <typename Out, typename In>
-void require_no_alias(const char* where, const char* out_name, const Out& out, const char* in_name,
+template <typename Out, typename In, typename W = const char*>
+void require_no_alias(const W& where, const char* out_name, const Out& out, const char* in_name,
                       const In& in) {
   require(!overlaps(out, in), where, ": ", out_name, " must not share memory with ", in_name);
 }
@@ -87,8 +99,8 @@ void require_no_alias(const char* where, const char* out_name, const Out& out, c
 // weight; X is k x n with any batch n.
 
 /// forward: X is k x n, H is d x n and shares no memory with X.
-template <typename In, typename Out>
-void require_forward_args(const char* where, const In& X, const Out& H, Eigen::Index d,
+template <typename In, typename Out, typename W = const char*>
+void require_forward_args(const W& where, const In& X, const Out& H, Eigen::Index d,
                           Eigen::Index k) {
   require_rows(where, "X", X, k, "in_features");
   require_shape(where, "H", H, d, X.cols());
@@ -96,16 +108,16 @@ void require_forward_args(const char* where, const In& X, const Out& H, Eigen::I
 }
 
 /// backward's inputs: X is k x n and G = dL/dH is d x n.
-template <typename In, typename Grad>
-void require_backward_args(const char* where, const In& X, const Grad& G, Eigen::Index d,
+template <typename In, typename Grad, typename W = const char*>
+void require_backward_args(const W& where, const In& X, const Grad& G, Eigen::Index d,
                            Eigen::Index k) {
   require_rows(where, "X", X, k, "in_features");
   require_shape(where, "G", G, d, X.cols());
 }
 
 /// backward's output dX = dL/dX: k x n like X, and apart from both X and G.
-template <typename Out, typename In, typename Grad>
-void require_input_gradient_arg(const char* where, const Out& dX, const In& X, const Grad& G) {
+template <typename Out, typename In, typename Grad, typename W = const char*>
+void require_input_gradient_arg(const W& where, const Out& dX, const In& X, const Grad& G) {
   require_shape(where, "dX", dX, X.rows(), X.cols());
   require_no_alias(where, "dX", dX, "X", X);
   require_no_alias(where, "dX", dX, "G", G);

@@ -15,8 +15,8 @@
 namespace lora::detail {
 
 /// Throws std::domain_error if `m` holds a NaN or an infinity: "<where>: <what>(i, j) is nan".
-template <typename Derived>
-void require_finite(const char* where, const char* what, const Eigen::MatrixBase<Derived>& m) {
+template <typename Derived, typename W = const char*>
+void require_finite(const W& where, const char* what, const Eigen::MatrixBase<Derived>& m) {
   if (m.allFinite()) return;
   for (Eigen::Index j = 0; j < m.cols(); ++j)
     for (Eigen::Index i = 0; i < m.rows(); ++i)

@@ -8,6 +8,11 @@
 // split into one slab of rows (or columns) per thread; without it everything runs on the caller's
 // thread. The thread count is Eigen's: Eigen::nbThreads() (OMP_NUM_THREADS, or
 // Eigen::setNbThreads).
+//
+// Eigen's internal:: interfaces are not a public API. This file was written against Eigen 3.4
+// (3.4.0 to 3.4.x); with any other version, or with LORA_GEMM_USE_EIGEN_PRODUCTS defined (CI
+// builds one test binary that way, so the fallback cannot rot), gemm_add uses Eigen's public
+// products instead: the same results, with Eigen's per-call allocations.
 #pragma once
 
 #include <Eigen/Core>
@@ -18,7 +23,20 @@
 #include <omp.h>
 #endif
 
+#if !defined(LORA_GEMM_USE_EIGEN_PRODUCTS) && \
+    !(EIGEN_WORLD_VERSION == 3 && EIGEN_MAJOR_VERSION == 4)
+#define LORA_GEMM_USE_EIGEN_PRODUCTS 1
+#endif
+
 namespace lora::detail {
+
+/// True when gemm_add drives Eigen's kernel with its own buffers (no allocation in steady state);
+/// false on the public-product fallback.
+#if defined(LORA_GEMM_USE_EIGEN_PRODUCTS)
+inline constexpr bool kGemmAllocationFree = false;
+#else
+inline constexpr bool kGemmAllocationFree = true;
+#endif
 
 /// Runs f(0), ..., f(count - 1), on `threads` OpenMP threads when there are more than one and
 /// this is not already inside a parallel region. With one thread no OpenMP region is entered at
@@ -70,6 +88,7 @@ GemmOperand<typename M::Scalar> gemm_operand(const Eigen::Transpose<M>& t) {
   return {flipped.data, flipped.stride, !flipped.row_major};
 }
 
+#if !defined(LORA_GEMM_USE_EIGEN_PRODUCTS)
 /// Per-thread, grow-only packing buffers (slot 0: the packed L block, slot 1: the packed R block).
 template <typename Scalar>
 Scalar* gemm_buffer(int slot, Eigen::Index count) {
@@ -131,13 +150,15 @@ void gemm_split(Eigen::Index rows, Eigen::Index cols, Eigen::Index depth,
   });
 }
 
+#endif  // !LORA_GEMM_USE_EIGEN_PRODUCTS
+
 /// C += alpha * L * R (C column-major with inner stride 1; L and R column-major matrices, maps,
 /// refs or blocks of them, or their .transpose()). Products too small or thin for the blocked
 /// kernel (a vector, or tiny) go to Eigen's own coefficient-based or GEMV paths, which allocate
 /// nothing either.
 template <typename CType, typename LType, typename RType>
 void gemm_add(CType&& C, const LType& Lx, const RType& Rx, typename LType::Scalar alpha) {
-  using Scalar = typename LType::Scalar;
+  using Scalar [[maybe_unused]] = typename LType::Scalar;
   using Index = Eigen::Index;
   const Index rows = Lx.rows(), cols = Rx.cols(), depth = Lx.cols();
   if (rows == 0 || cols == 0 || depth == 0) return;
@@ -149,6 +170,9 @@ void gemm_add(CType&& C, const LType& Lx, const RType& Rx, typename LType::Scala
     C.noalias() += alpha * Lx * Rx;
     return;
   }
+#if defined(LORA_GEMM_USE_EIGEN_PRODUCTS)
+  C.noalias() += alpha * Lx * Rx;  // Eigen's public product: same numbers, allocates
+#else
   const GemmOperand<Scalar> L = gemm_operand(Lx), R = gemm_operand(Rx);
   // One thread per 50,000 multiply-adds at most, as Eigen decides (tiny products stay serial).
   const double work = double(rows) * double(cols) * double(depth);
@@ -169,6 +193,7 @@ void gemm_add(CType&& C, const LType& Lx, const RType& Rx, typename LType::Scala
     else
       gemm_split<Scalar, false, false>(rows, cols, depth, L, R, c, ldc, alpha, threads);
   }
+#endif
 }
 
 }  // namespace lora::detail

@@ -1,16 +1,17 @@
 // OneDnnFrozenWeight: an fp32 frozen weight whose products run on oneDNN's matmul primitive.
-// Same seam as DenseFrozenWeight<float> (see dense_frozen_weight.hpp): use it as
+// Keeps the frozen-storage contract (frozen_storage.hpp) as DenseFrozenWeight<float> does: use it
+// as
 //   lora::LoRALinear<float, lora::onednn::OneDnnFrozenWeight>
 // Storage and merge are DenseFrozenWeight's own (a plain column-major Eigen matrix, which oneDNN
 // reads through strides); only the products change. Include explicitly and link lora::onednn.
 #pragma once
 
-#include "lora/config.hpp"
 #include "lora/dense_frozen_weight.hpp"
 #include "lora/onednn/matmul.hpp"
 
 #include <Eigen/Core>
 
+#include <cstddef>
 #include <memory>
 #include <string>
 #include <utility>
@@ -21,6 +22,7 @@ class OneDnnFrozenWeight {
  public:
   using Scalar = float;
   using Matrix = Eigen::MatrixXf;
+  using Vector = Eigen::VectorXf;
   using Index = Eigen::Index;
 
   /// Takes W0 (out x in); pass an rvalue to move it in.
@@ -44,7 +46,13 @@ class OneDnnFrozenWeight {
   Index in_features() const { return dense_.in_features(); }
   MergeMode merge_mode() const { return dense_.merge_mode(); }
   bool is_merged() const { return dense_.is_merged(); }
-  const Matrix& weight() const { return dense_.weight(); }
+  /// oneDNN's execute() makes a few small allocations of its own per call.
+  bool allocation_free() const { return false; }
+  const Matrix& matrix() const { return dense_.matrix(); }  ///< the weight in use, no copy
+  Matrix weight() const { return dense_.weight(); }
+  bool all_finite() const { return dense_.all_finite(); }
+  void row_norms(Eigen::Ref<Eigen::VectorXd> out) const { dense_.row_norms(out); }
+  std::size_t stored_bytes() const { return dense_.stored_bytes(); }
 
   /// H = W * X.   X: k x n,  H: d x n.
   void multiply(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
@@ -54,20 +62,19 @@ class OneDnnFrozenWeight {
   void multiply_add(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
     product(X, H, true);
   }
-  /// dX = W^T * G.   G: d x n,  dX: k x n.
-  void multiply_transposed(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
-    transposed_product(G, dX, false);
-  }
   /// dX += W^T * G.
   void multiply_transposed_add(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
     transposed_product(G, dX, true);
   }
 
-  void merge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A) {
-    dense_.merge(s, B, A);
+  /// As DenseFrozenWeight<float>::merge: W = diag(g)(W0 + s B A), refused when not finite.
+  void merge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
+             const Eigen::Ref<const Vector>& g) {
+    dense_.merge(s, B, A, g);
   }
-  void unmerge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A) {
-    dense_.unmerge(s, B, A);
+  void unmerge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
+               const Eigen::Ref<const Vector>& g) {
+    dense_.unmerge(s, B, A, g);
   }
 
   /// What oneDNN runs on this CPU.
@@ -76,7 +83,7 @@ class OneDnnFrozenWeight {
  private:
   void product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H, bool accumulate) const {
     if (X.cols() == 0) return;
-    const Matrix& W = dense_.weight();
+    const Matrix& W = dense_.matrix();
     cache_->run(product_shape(W.rows(), W.cols(), X.cols(), X.outerStride(), H.outerStride(),
                               dt::f32, accumulate),
                 X.data(), W.data(), H.data());
@@ -85,7 +92,7 @@ class OneDnnFrozenWeight {
   void transposed_product(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX,
                           bool accumulate) const {
     if (G.cols() == 0) return;
-    const Matrix& W = dense_.weight();
+    const Matrix& W = dense_.matrix();
     cache_->run(transposed_product_shape(W.rows(), W.cols(), G.cols(), G.outerStride(),
                                          dX.outerStride(), dt::f32, accumulate),
                 G.data(), W.data(), dX.data());

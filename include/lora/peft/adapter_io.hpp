@@ -232,7 +232,7 @@ AdapterConfig load_adapter(const std::string& dir,
   for (const auto& [path, layer] : layers)
     lora::detail::require_state(!layer->is_merged(), "load_adapter: the layer of \"", path,
                                 "\" is merged; unmerge it first");
-  for (auto& [path, adapter] : file.modules) layers.at(path)->set_adapter(std::move(adapter));
+  for (auto& [path, adapter] : file.modules) layers.at(path)->replace_adapter(adapter);
   return file.config;
 }
 
