@@ -76,7 +76,13 @@ class Nf4FrozenWeight {
   using Matrix = Eigen::MatrixXf;
   using Vector = Eigen::VectorXf;
   using Index = Eigen::Index;
+  /// lora allocates nothing in a steady-state product; oneDNN's matmul execution makes a few small
+  /// allocations of its own per call (per panel here), so a build with oneDNN says false.
+#if defined(LORA_WITH_ONEDNN)
+  static constexpr bool kAllocationFree = false;
+#else
   static constexpr bool kAllocationFree = true;
+#endif
 
   /// Quantizes W0 (out x in, fp32). Throws std::invalid_argument for an empty W0, for
   /// MergeMode::InPlace (see the top of this file) or for Nf4Backend::OneDnn without oneDNN, and
@@ -210,11 +216,19 @@ class Nf4FrozenWeight {
   /// dequant(W0) as a new fp32 d x k matrix (for inspection and export).
   Matrix dequantized() const {
     Matrix W(d_, k_);
-    Vector row(k_);
-    for (Index i = 0; i < d_; ++i) {
-      dequantize_row(i, 0, k_, row.data());
-      W.row(i) = row.transpose();
-    }
+    // Tiles of 16 rows x one block: decoded row by row, written column by column (16 contiguous
+    // floats of the column-major W at a time).
+    constexpr Index kTileRows = 16;
+    detail::parallel_for((d_ + kTileRows - 1) / kTileRows, Eigen::nbThreads(), [&](Index t) {
+      const Index i0 = t * kTileRows, rows = std::min(kTileRows, d_ - i0);
+      float tile[kTileRows][kBlock];
+      for (Index j0 = 0; j0 < k_; j0 += kBlock) {
+        const Index cols = std::min(kBlock, k_ - j0);
+        for (Index r = 0; r < rows; ++r) dequantize_row(i0 + r, j0, cols, tile[r]);
+        for (Index j = 0; j < cols; ++j)
+          for (Index r = 0; r < rows; ++r) W(i0 + r, j0 + j) = tile[r][j];
+      }
+    });
     return W;
   }
 
