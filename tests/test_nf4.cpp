@@ -323,14 +323,13 @@ TEST(Nf4Memory, BitsPerParameterWithAndWithoutDoubleQuantization) {
 
 class Nf4Products : public ::testing::TestWithParam<bool> {};  // param: double quantization
 
-TEST_P(Nf4Products, MatchFp64OnTheDequantizedWeight) {
-  // 300 x 300: two row panels for W X and two column panels (256 + 44) for W^T G.
+void check_products_against_fp64(bool double_quant) {
   const Matrix W0 = gaussian(300, 300, 5, 0.05f);
-  const Nf4FrozenWeight w(W0, options(GetParam()));
+  const Nf4FrozenWeight w(W0, options(double_quant));
   const MatrixD Wq = as_multiplied(w, w.dequantized());
   const Matrix X = gaussian(300, 7, 6), G = gaussian(300, 7, 7);
   const MatrixD Xq = as_multiplied(w, X), Gq = as_multiplied(w, G);
-  if (!GetParam()) {
+  if (!double_quant) {
     EXPECT_TRUE(w.dequantized() == reference_dequant(W0));
   }
 
@@ -359,6 +358,18 @@ TEST_P(Nf4Products, MatchFp64OnTheDequantizedWeight) {
   Vector x1 = gaussian(300, 1, 10), h1(300);
   w.multiply(x1, h1);
   EXPECT_MATRIX_NEAR(h1, Wq * as_multiplied(w, x1), 1e-5);
+}
+
+TEST_P(Nf4Products, MatchFp64OnTheDequantizedWeight) {
+  // 300 x 300: two row panels for W X and two column panels (256 + 44) for W^T G, on one thread
+  // and (with OpenMP) spread over three.
+  const int threads_before = Eigen::nbThreads();
+  for (int threads : {1, 3}) {
+    Eigen::setNbThreads(threads);
+    SCOPED_TRACE(threads);
+    check_products_against_fp64(GetParam());
+  }
+  Eigen::setNbThreads(threads_before);
 }
 
 TEST_P(Nf4Products, LayerForwardAndGradientsMatchFp64) {
@@ -461,16 +472,19 @@ TEST(Nf4Merge, LayerMergeMatchesUnmergedForward) {
 }
 
 TEST(Nf4Storage, CopiesShareNothingAndProductsAllocateNothingInSteadyState) {
-  const Matrix W0 = gaussian(130, 200, 71, 0.05f);
+  // 300 x 300: two panels per product, spread over two threads with OpenMP.
+  const Matrix W0 = gaussian(300, 300, 71, 0.05f);
   Nf4FrozenWeight a(W0);
   const Nf4FrozenWeight b = a;  // a copy
-  a.merge(1.0f, Matrix::Ones(130, 1), Matrix::Ones(1, 200));
+  a.merge(1.0f, Matrix::Ones(300, 1), Matrix::Ones(1, 300));
   EXPECT_FALSE(b.is_merged());
   EXPECT_TRUE(b.weight() == Nf4FrozenWeight(W0).weight());
-  a.unmerge(1.0f, Matrix::Ones(130, 1), Matrix::Ones(1, 200));
+  a.unmerge(1.0f, Matrix::Ones(300, 1), Matrix::Ones(1, 300));
 
-  const Matrix X = gaussian(200, 16, 72), G = gaussian(130, 16, 73);
-  Matrix H(130, 16), dX(200, 16);
+  const int threads_before = Eigen::nbThreads();
+  Eigen::setNbThreads(2);
+  const Matrix X = gaussian(300, 16, 72), G = gaussian(300, 16, 73);
+  Matrix H(300, 16), dX(300, 16);
   auto step = [&] {
     a.multiply(X, H);
     a.multiply_add(X, H);
@@ -481,6 +495,7 @@ TEST(Nf4Storage, CopiesShareNothingAndProductsAllocateNothingInSteadyState) {
   Eigen::internal::set_is_malloc_allowed(false);
   EXPECT_NO_THROW(for (int t = 0; t < 3; ++t) step());
   Eigen::internal::set_is_malloc_allowed(true);
+  Eigen::setNbThreads(threads_before);
 #if !defined(LORA_WITH_ONEDNN)
   static_assert(Nf4FrozenWeight::kAllocationFree);
 #endif

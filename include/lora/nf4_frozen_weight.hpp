@@ -19,9 +19,11 @@
 //  - OneDnn (LORA_WITH_ONEDNN, oneDNN's bf16 matmul): W' rounded to bf16 (relative 2^-9) one panel
 //    at a time, times X (or G) rounded to bf16, accumulated in fp32: the bf16 base's error on top
 //    of the quantization, at about the bf16 base's speed.
-// Neither keeps a full-precision copy of W0: a panel of at most 256 rows (or columns) is
-// dequantized into a per-thread buffer of at most about 4 MiB and multiplied, for H = W X and for
-// dX = W^T G alike. A steady-state product allocates nothing.
+// Neither keeps a full-precision copy of W0: the products are cut into panels of at most 256 rows
+// of W (for H = W X) or 256 columns (for dX = W^T G, from the same packed weight), spread over
+// Eigen::nbThreads() threads; each thread dequantizes its panel into its own buffer (at most about
+// 4 MiB in fp32, 2 MiB in bf16) and multiplies it, so a product forks and joins once.
+// lora allocates nothing in a steady-state product.
 //
 // Merge: the 4-bit W0 cannot absorb s*B*A, so merge() builds the merged weight
 //   W = diag(g) (dequant(W0) + s B A)   in fp32, beside the packed W0 (d*k*4 bytes more, 7.8x the
@@ -51,6 +53,11 @@
 
 #if defined(LORA_WITH_ONEDNN)
 #include "lora/onednn/matmul.hpp"
+
+#include <mutex>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #endif
 
 namespace lora {
@@ -318,7 +325,7 @@ class Nf4FrozenWeight {
 
  private:
   static constexpr Index kBlock = detail::nf4::kBlock;
-  // Panels: at most 256 rows (columns), and about 2^20 elements (4 MiB fp32, 2 MiB bf16).
+  // Panels: at most 256 rows (columns) and about 2^20 elements (4 MiB in fp32, 2 MiB in bf16).
   static constexpr Index kMaxPanel = 256;
   static constexpr Index kPanelElements = Index(1) << 20;
 
@@ -326,14 +333,14 @@ class Nf4FrozenWeight {
     return blocks_ * detail::nf4::kBlockBytes;
   }
 
-  /// Rows per panel of H = W X (the panel is rows x k).
-  Index row_panel() const {
-    const Index p = std::clamp<Index>(kPanelElements / k_, 16, kMaxPanel) / 16 * 16;
+  /// Rows per panel of H = W X (the panel is rows x k): about `elements`, at most `max_rows`.
+  Index row_panel(Index elements = kPanelElements, Index max_rows = kMaxPanel) const {
+    const Index p = std::clamp<Index>(elements / k_, 16, max_rows) / 16 * 16;
     return std::min(d_, p);
   }
   /// Columns per panel of dX = W^T G (the panel is d x cols): a multiple of 64.
-  Index col_panel() const {
-    const Index q = std::clamp<Index>(kPanelElements / d_, kBlock, kMaxPanel) / kBlock * kBlock;
+  Index col_panel(Index elements = kPanelElements, Index max_cols = kMaxPanel) const {
+    const Index q = std::clamp<Index>(elements / d_, kBlock, max_cols) / kBlock * kBlock;
     return std::min(blocks_ * kBlock, q);
   }
 
@@ -486,8 +493,20 @@ class Nf4FrozenWeight {
   Nf4Backend backend_ = Nf4Backend::Portable;
 
 #if defined(LORA_WITH_ONEDNN)
+  // The panels of one product are spread over the threads, each dequantizing its own panel into
+  // its own buffer and running oneDNN on it (oneDNN runs on one thread inside a parallel region):
+  // one fork and join per product instead of one per panel. Each thread has its own primitives
+  // (a primitive's scratchpad serves one execution at a time); the mutex keeps two products of
+  // the same storage from sharing them.
   struct OneDnnState {
-    onednn::MatmulCache cache;  // primitives per shape (its own mutex serialises executions)
+    std::mutex mutex;
+    std::vector<std::unique_ptr<onednn::MatmulCache>> caches;  // one per thread of a product
+
+    onednn::MatmulCache& cache(int thread) { return *caches[std::size_t(thread)]; }
+    void reserve(int threads) {
+      while (caches.size() < std::size_t(threads))
+        caches.push_back(std::make_unique<onednn::MatmulCache>());
+    }
   };
   std::unique_ptr<OneDnnState> onednn_;
 
@@ -499,18 +518,37 @@ class Nf4FrozenWeight {
     return b.data();
   }
 
+  /// Runs panel(p, thread) for p < panels, spread over up to Eigen::nbThreads() threads with
+  /// thread = 0, 1, ... (0 alone when it runs on the calling thread).
+  template <typename Panel>
+  void for_each_panel(Index panels, Panel&& panel) const {
+    int threads = 1;  // without OpenMP, or inside the caller's parallel region: this thread
+#if defined(_OPENMP)
+    if (!omp_in_parallel()) threads = int(std::min<Index>(Eigen::nbThreads(), panels));
+#endif
+    onednn_->reserve(threads);
+    if (threads <= 1) {
+      for (Index p = 0; p < panels; ++p) panel(p, 0);
+      return;
+    }
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (Index p = 0; p < panels; ++p) panel(p, omp_get_thread_num());
+#endif
+  }
+
   void onednn_product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
                       bool accumulate) const {
+    std::lock_guard<std::mutex> lock(onednn_->mutex);
     const Index n = X.cols();
     detail::bf16* xb = buffer_bf16(0, k_ * n);  // X rounded to bf16, packed (k x n)
     for (Index j = 0; j < n; ++j) detail::to_bf16(X.data() + j * X.outerStride(), xb + j * k_, k_);
     const Index P = row_panel();
-    detail::bf16* panel = buffer_bf16(1, P * k_);
-    for (Index i0 = 0; i0 < d_; i0 += P) {
-      const Index rows = std::min(P, d_ - i0);
+    for_each_panel((d_ + P - 1) / P, [&](Index p, int thread) {
+      const Index i0 = p * P, rows = std::min(P, d_ - i0);
       // The panel row-major (rows x k): row i at panel + i * k.
-      detail::parallel_for(rows, Eigen::nbThreads(),
-                           [&](Index i) { dequantize_row_bf16(i0 + i, 0, k_, panel + i * k_); });
+      detail::bf16* panel = buffer_bf16(1, P * k_);
+      for (Index i = 0; i < rows; ++i) dequantize_row_bf16(i0 + i, 0, k_, panel + i * k_);
       // H(i0:i0+rows, :)^T (n x rows) (+)= X^T (n x k) * panel^T (k x rows).
       onednn::MatmulShape s;
       s.M = n;
@@ -522,22 +560,22 @@ class Nf4FrozenWeight {
       s.wei_s1 = k_;
       s.src_type = s.wei_type = onednn::dt::bf16;
       s.accumulate = accumulate;
-      onednn_->cache.run(s, xb, panel, H.data() + i0);
-    }
+      onednn_->cache(thread).run(s, xb, panel, H.data() + i0);
+    });
   }
 
   void onednn_transposed_product(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX,
                                  bool accumulate) const {
+    std::lock_guard<std::mutex> lock(onednn_->mutex);
     const Index n = G.cols();
     detail::bf16* gb = buffer_bf16(0, d_ * n);  // G rounded to bf16, packed (d x n)
     for (Index j = 0; j < n; ++j) detail::to_bf16(G.data() + j * G.outerStride(), gb + j * d_, d_);
     const Index Q = col_panel();
-    detail::bf16* panel = buffer_bf16(1, d_ * Q);
-    for (Index j0 = 0; j0 < k_; j0 += Q) {
-      const Index cols = std::min(Q, k_ - j0);
+    for_each_panel((k_ + Q - 1) / Q, [&](Index p, int thread) {
+      const Index j0 = p * Q, cols = std::min(Q, k_ - j0);
       // The panel row-major (d x cols): W'(i, j0 + j) at panel + i * cols + j.
-      detail::parallel_for(d_, Eigen::nbThreads(),
-                           [&](Index i) { dequantize_row_bf16(i, j0, cols, panel + i * cols); });
+      detail::bf16* panel = buffer_bf16(1, d_ * Q);
+      for (Index i = 0; i < d_; ++i) dequantize_row_bf16(i, j0, cols, panel + i * cols);
       // dX(j0:j0+cols, :)^T (n x cols) (+)= G^T (n x d) * panel (d x cols).
       onednn::MatmulShape s;
       s.M = n;
@@ -549,8 +587,8 @@ class Nf4FrozenWeight {
       s.wei_s1 = 1;
       s.src_type = s.wei_type = onednn::dt::bf16;
       s.accumulate = accumulate;
-      onednn_->cache.run(s, gb, panel, dX.data() + j0);
-    }
+      onednn_->cache(thread).run(s, gb, panel, dX.data() + j0);
+    });
   }
 #endif
 };
