@@ -6,6 +6,7 @@
 #include "lora/config.hpp"
 #include "lora/dense_frozen_weight.hpp"
 #include "lora/lora_linear.hpp"
+#include "lora/nf4_frozen_weight.hpp"
 #include "lora/optim.hpp"
 #include "lora/random.hpp"
 #include "lora/version.hpp"
