@@ -3,8 +3,11 @@
 // Arguments of every family: n/k/d/r (batch, in features, out features, rank). Each family is
 // registered for each frozen-weight storage: no suffix = Eigen fp32 (DenseFrozenWeight<float>),
 // "OneDnn" = oneDNN fp32 matmul (when built with oneDNN), "Bf16" = the bf16 frozen base
-// (Bf16FrozenWeight, oneDNN when present, else the portable kernel). Counters:
+// (Bf16FrozenWeight, oneDNN when present, else the portable kernel), "Nf4" = the 4-bit NormalFloat
+// base (Nf4FrozenWeight with double quantization: bf16 panels into oneDNN when present, else fp32
+// panels into Eigen). Counters:
 //   allocs_per_iter  heap allocations per iteration (operator new and malloc, any thread)
+//   w0_bytes         bytes the storage holds for W0 (forward and train-step families)
 //   GFLOPS           2*d*k*n per iteration, for the dense product
 //   threads          the threads Eigen's products use (OMP_NUM_THREADS)
 // Thread count: OMP_NUM_THREADS (Eigen and oneDNN both follow it).
@@ -12,6 +15,7 @@
 
 #include <lora/bf16_frozen_weight.hpp>
 #include <lora/lora.hpp>
+#include <lora/nf4_frozen_weight.hpp>
 #if defined(LORA_WITH_ONEDNN)
 #include <lora/onednn/onednn_frozen_weight.hpp>
 #endif
@@ -59,7 +63,8 @@ struct Fixture {
     cfg.alpha = 2.0 * static_cast<double>(s.r);
     cfg.seed = 7;
     Matrix W0 = Matrix::Random(s.d, s.k) * (1.0f / std::sqrt(static_cast<float>(s.k)));
-    lora::LoRALinear<float, Frozen> layer(std::move(W0), cfg);
+    // The storage with its default merge mode (the NF4 base supports ExactRestore only).
+    lora::LoRALinear<float, Frozen> layer(Frozen(std::move(W0)), Eigen::VectorXf(), cfg);
     layer.B() = Matrix::Random(s.d, s.r) * 0.01f;  // a trained-looking B: the path is not zero
     return layer;
   }
@@ -112,6 +117,19 @@ void report_flops(benchmark::State& state, const Shape& s) {
   state.SetItemsProcessed(state.iterations() * s.n);
 }
 
+/// Bytes held for W0: stored_bytes() where the storage reports it, else d * k * element size.
+template <typename Frozen>
+void report_w0_bytes(benchmark::State& state, const Frozen& frozen) {
+  double bytes = 0;
+  if constexpr (lora::storage_detail::has_stored_bytes<Frozen>::value) {
+    bytes = static_cast<double>(frozen.stored_bytes());
+  } else {
+    const std::size_t element = std::is_same_v<Frozen, lora::Bf16FrozenWeight> ? 2 : sizeof(float);
+    bytes = static_cast<double>(frozen.out_features() * frozen.in_features()) * double(element);
+  }
+  state.counters["w0_bytes"] = bytes;
+}
+
 // ---- the families -------------------------------------------------------------------------------
 
 /// W0 * X only, through the storage's own product: the baseline every ratio divides by.
@@ -124,6 +142,7 @@ void dense_forward(benchmark::State& state) {
     benchmark::ClobberMemory();
   });
   report_flops(state, f.shape);
+  report_w0_bytes(state, f.layer.frozen());
 }
 
 /// Eigen's own `H = W0 * X` (its OpenMP threading, its per-call packing buffers): the product a
@@ -149,6 +168,7 @@ void lora_forward(benchmark::State& state) {
     benchmark::ClobberMemory();
   });
   report_flops(state, f.shape);
+  report_w0_bytes(state, f.layer.frozen());
 }
 
 /// The merged layer's forward: should cost exactly the dense product.
@@ -176,6 +196,7 @@ void train_step(benchmark::State& state) {
     benchmark::ClobberMemory();
   });
   report_flops(state, f.shape);
+  report_w0_bytes(state, f.layer.frozen());
 }
 
 /// Forward, then the gradients of A and B only (a first layer).
@@ -202,6 +223,7 @@ template <typename Frozen>
 constexpr std::size_t storage_bytes() {
   return std::is_same_v<Frozen, lora::Bf16FrozenWeight> ? 2 : sizeof(float);
 }
+// (The NF4 merge reads 4-bit codes and writes an fp32 weight: counted as the fp32 write.)
 
 template <typename Frozen>
 void merge(benchmark::State& state) {
@@ -285,11 +307,13 @@ int main(int argc, char** argv) {
   add_families<lora::onednn::OneDnnFrozenWeight>("OneDnn", false);
 #endif
   add_families<lora::Bf16FrozenWeight>("Bf16", true);
+  add_families<lora::Nf4FrozenWeight>("Nf4", true);
 
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("lora_eigen_threads", std::to_string(Eigen::nbThreads()));
   benchmark::AddCustomContext("lora_bf16_backend", lora::Bf16FrozenWeight::backend_report());
+  benchmark::AddCustomContext("lora_nf4_backend", lora::Nf4FrozenWeight::backend_report());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -16,6 +16,7 @@
 #include "digits/mlp.hpp"
 
 #include <lora/lora.hpp>
+#include <lora/nf4_frozen_weight.hpp>
 #include <lora/optim.hpp>
 
 #include <nlohmann/json.hpp>
@@ -47,7 +48,7 @@ double seconds_since(Clock::time_point t0) {
 
 struct Settings {
   bool quick = false;
-  std::string base = "fp32";  // frozen storage of the LoRA models: fp32 or bf16
+  std::string base = "fp32";  // frozen storage of the LoRA models: fp32, bf16 or nf4
   std::string data = DIGITS_DATA_FILE;
   std::string out = ".";
   int batch = 32;
@@ -146,8 +147,8 @@ Settings parse(int argc, char** argv) {
     const std::string a = argv[i];
     if (a == "--base" && i + 1 < argc) {
       s.base = argv[++i];
-      if (s.base != "fp32" && s.base != "bf16") {
-        std::fprintf(stderr, "--base must be fp32 or bf16, got %s\n", s.base.c_str());
+      if (s.base != "fp32" && s.base != "bf16" && s.base != "nf4") {
+        std::fprintf(stderr, "--base must be fp32, bf16 or nf4, got %s\n", s.base.c_str());
         std::exit(2);
       }
     } else if (a == "--quick") {
@@ -171,14 +172,31 @@ Settings parse(int argc, char** argv) {
     } else if (a == "--out" && i + 1 < argc) {
       s.out = argv[++i];
     } else {
-      std::fprintf(stderr,
-                   "usage: %s [--quick] [--base fp32|bf16] [--validate] [--epochs N] [--lora-lr X] "
-                   "[--full-lr X] [--dropout P] [--data PATH] [--out DIR]\n",
-                   argv[0]);
+      std::fprintf(
+          stderr,
+          "usage: %s [--quick] [--base fp32|bf16|nf4] [--validate] [--epochs N] [--lora-lr X] "
+          "[--full-lr X] [--dropout P] [--data PATH] [--out DIR]\n",
+          argv[0]);
       std::exit(2);
     }
   }
   return s;
+}
+
+/// Bytes the LoRA model's frozen storages hold for W0 (all layers): stored_bytes() where the
+/// storage reports it, else d * k * element size.
+template <typename Frozen>
+std::size_t w0_bytes(const Mlp<lora::LoRALinear<float, Frozen>>& model) {
+  std::size_t bytes = 0;
+  for (const auto& l : model.layers()) {
+    if constexpr (lora::storage_detail::has_stored_bytes<Frozen>::value) {
+      bytes += l.frozen().stored_bytes();
+    } else {
+      const std::size_t element = std::is_same_v<Frozen, lora::Bf16FrozenWeight> ? 2 : 4;
+      bytes += std::size_t(l.out_features() * l.in_features()) * element;
+    }
+  }
+  return bytes;
 }
 
 /// The whole demo for one frozen-weight storage (the layer type is the only thing to swap).
@@ -302,6 +320,7 @@ int run(const Settings& s) {
   const int reps = s.quick ? 20 : 200;
   const double base_us = median_us([&] { base.predict(test_down.X); }, reps);
   const double unmerged_us = median_us([&] { model.predict(test_down.X); }, reps);
+  const std::size_t frozen_bytes = w0_bytes(model);  // W0 as trained on (before the merge)
   for (auto& l : model.layers()) l.merge();
   const Matrix merged = model.predict(test_down.X);
   const double merged_us = median_us([&] { model.predict(test_down.X); }, reps);
@@ -364,6 +383,7 @@ int run(const Settings& s) {
   j["model"] = {{"layers", {64, 128, 128, 10}}, {"parameters", full_count}};
   j["quick"] = s.quick;
   j["lora_frozen_base"] = s.base;
+  j["frozen_w0_bytes"] = frozen_bytes;
   j["upstream"] = {{"test_accuracy_before", upstream_before},
                    {"rotated_test_accuracy_before", base_on_rotated},
                    {"train_seconds", up_seconds},
@@ -419,6 +439,11 @@ int main(int argc, char** argv) {
   const Settings s = parse(argc, argv);
   try {
     // The frozen storage is the one thing to change to run the demo on another weight format.
+    if (s.base == "nf4") {
+      std::printf("LoRA models on an NF4 frozen base (%s)\n",
+                  lora::Nf4FrozenWeight::backend_report().c_str());
+      return run<lora::Nf4FrozenWeight>(s);
+    }
     if (s.base == "bf16") {
       std::printf("LoRA models on a bf16 frozen base (%s)\n",
                   lora::Bf16FrozenWeight::backend_report().c_str());

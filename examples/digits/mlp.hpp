@@ -253,7 +253,8 @@ Mlp<lora::LoRALinear<float, Frozen>> make_lora_mlp(const Mlp<DenseLinear<float>>
     cfg.init = lora::Init::KaimingUniform;
     cfg.dropout = dropout;
     cfg.seed = seed++;
-    layers.emplace_back(l.weight(), l.bias(), cfg);
+    // The storage built with its own default merge mode (the NF4 base supports only one).
+    layers.emplace_back(Frozen(l.weight()), l.bias(), cfg);
   }
   return Mlp<lora::LoRALinear<float, Frozen>>(std::move(layers));
 }

@@ -8,6 +8,7 @@
 #include "lora/dense_frozen_weight.hpp"
 #include "lora/frozen_storage.hpp"
 #include "lora/lora_linear.hpp"
+#include "lora/nf4_frozen_weight.hpp"
 #include "lora/optim.hpp"
 #include "lora/parameter.hpp"
 #include "lora/random.hpp"
