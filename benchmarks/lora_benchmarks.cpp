@@ -11,7 +11,7 @@
 #include "alloc_counter.hpp"
 
 #include <lora/bf16_frozen_weight.hpp>
-#include <lora/lora.hpp>
+#include <lora/core.hpp>
 #if defined(LORA_WITH_ONEDNN)
 #include <lora/onednn/onednn_frozen_weight.hpp>
 #endif

@@ -15,7 +15,8 @@
 #include "digits/dataset.hpp"
 #include "digits/mlp.hpp"
 
-#include <lora/lora.hpp>
+#include <lora/bf16_frozen_weight.hpp>
+#include <lora/core.hpp>
 #include <lora/optim.hpp>
 
 #include <nlohmann/json.hpp>
