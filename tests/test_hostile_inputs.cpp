@@ -138,6 +138,22 @@ TEST(HostileInputs, InMemoryLoaderHasTheFileLoadersNestingLimit) {
   for (int i = 0; i < 100; ++i) v = nlohmann::ordered_json::array({v});
   j["x"] = v;
   expect_exactly<FormatError>([&] { AdapterConfig::from_json(j); }, "nests deeper");
+  // Both entry points draw the line at the same place: 64 levels pass, 65 do not.
+  for (const int levels : {64, 65}) {
+    SCOPED_TRACE(levels);
+    nlohmann::ordered_json value = 1;  // inside levels - 1 arrays, inside the config object
+    for (int i = 1; i < levels; ++i) value = nlohmann::ordered_json::array({value});
+    auto config = tiny_config();
+    config["x"] = value;
+    std::string text = config.dump();
+    if (levels == 64) {
+      EXPECT_NO_THROW(AdapterConfig::parse(text));
+      EXPECT_NO_THROW(AdapterConfig::from_json(config));
+    } else {
+      expect_exactly<FormatError>([&] { AdapterConfig::parse(text); }, "nests deeper than 64");
+      expect_exactly<FormatError>([&] { AdapterConfig::from_json(config); }, "nests deeper");
+    }
+  }
   // Real configs, a few levels deep, are unaffected.
   EXPECT_NO_THROW(lora::peft::parse_adapter<float>(tiny_config().dump(), tiny_weights()));
 }

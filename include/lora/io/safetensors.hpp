@@ -214,7 +214,9 @@ class SafeTensors {
           bytes_.begin() + 8, bytes_.begin() + static_cast<long>(data_start_),
           [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
             using Event = nlohmann::json::parse_event_t;
-            if (depth > kMaxHeaderDepth)
+            // An object or array opened below `depth` enclosing ones is at level depth + 1.
+            if ((event == Event::object_start || event == Event::array_start) &&
+                depth >= kMaxHeaderDepth)
               fail("header nests deeper than " + std::to_string(kMaxHeaderDepth) + " levels");
             if (event == Event::object_start) {
               keys.emplace_back();

@@ -408,8 +408,12 @@ struct AdapterConfig {
     nlohmann::ordered_json j;
     try {
       j = nlohmann::ordered_json::parse(
-          text, [&](int depth, nlohmann::ordered_json::parse_event_t, nlohmann::ordered_json&) {
-            if (depth > kMaxConfigDepth)
+          text,
+          [&](int depth, nlohmann::ordered_json::parse_event_t event, nlohmann::ordered_json&) {
+            using Event = nlohmann::ordered_json::parse_event_t;
+            // An object or array opened below `depth` enclosing ones is at level depth + 1.
+            if ((event == Event::object_start || event == Event::array_start) &&
+                depth >= kMaxConfigDepth)
               throw fail("nests deeper than " + std::to_string(kMaxConfigDepth) + " levels");
             return true;
           });
