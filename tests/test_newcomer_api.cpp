@@ -189,6 +189,37 @@ TEST(SaveAdapter, BracedListOfDoubleLayersAndOfConstLayers) {
   expect_error([&] { lora::peft::save_adapter(dir, {{"a", &a}, {"f", &f}}); }, "mix float");
 }
 
+TEST(SaveAdapter, BracedListOfMultiLayersWithAName) {
+  lora::LoRAConfig cfg;
+  cfg.rank = 2;
+  lora::MultiLoRALinear<float> m1(Eigen::MatrixXf::Random(6, 4)), m2(Eigen::MatrixXf::Random(3, 6));
+  m1.add_adapter("a", cfg).B().setRandom();
+  m2.add_adapter("a", cfg).B().setRandom();
+  const std::string dir = tmp_path("braced_multi");
+  lora::peft::save_adapter(dir, {{"fc1", &m1}, {"fc2", &m2}}, "a");
+
+  lora::MultiLoRALinear<float> n1(m1.frozen().weight()), n2(m2.frozen().weight());
+  lora::peft::load_adapter(dir, {{"fc1", &n1}, {"fc2", &n2}}, "b");
+  ASSERT_TRUE(n1.has_adapter("b") && n2.has_adapter("b"));
+  EXPECT_TRUE(n1.adapter("b").A() == m1.adapter("a").A());
+  EXPECT_TRUE(n2.adapter("b").B() == m2.adapter("a").B());
+  // Again under the same name: refused before anything is added.
+  expect_error(
+      [&] {
+        lora::peft::load_adapter(dir, {{"fc1", &n1}, {"fc2", &n2}}, "b");
+      },
+      "already has an adapter named \"b\"");
+  EXPECT_EQ(n1.adapter_count(), 1u);
+  // A MultiLoRALinear needs the adapter's name, a LoRALinear must not get one.
+  expect_error(
+      [&] {
+        lora::peft::load_adapter(dir, {{"fc1", &n1}, {"fc2", &n2}});
+      },
+      "give the adapter's name");
+  auto single = trained_layer(6, 4, 2, 9);
+  expect_error([&] { lora::peft::save_adapter(dir, {{"fc1", &single}}, "a"); }, "is a LoRALinear");
+}
+
 TEST(LoadAdapter, BracedListIsAllOrNothingWithTheClosestNames) {
   auto fc1 = trained_layer(6, 4, 2, 1);
   const std::string dir = tmp_path("braced_typo");

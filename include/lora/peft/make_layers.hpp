@@ -143,71 +143,117 @@ std::map<std::string, MultiLoRALinear<T>> make_multi_layers(const std::string& d
 
 // ---- braced lists of layers ---------------------------------------------------------------------
 
-/// A LoRALinear layer (of any scalar and storage) in a braced list for save_adapter and
-/// load_adapter: `{{"fc1", &fc1}, {"fc2", &fc2}}`. Holds a pointer: the layer must outlive it.
+/// A LoRALinear or MultiLoRALinear layer (of any scalar and storage) in a braced list for
+/// save_adapter and load_adapter: `{{"fc1", &fc1}, {"fc2", &fc2}}`. Holds a pointer: the layer
+/// must outlive it. A pointer to const can be saved, not loaded into.
 class LayerRef {
  public:
   /// Refers to `layer`, which save_adapter reads and load_adapter may change.
   template <typename T, typename F>
   LayerRef(LoRALinear<T, F>* layer)  // NOLINT(google-explicit-constructor): braced lists need it
       : LayerRef(static_cast<const LoRALinear<T, F>*>(layer)) {
-    if (layer != nullptr) set_loader(layer);
+    if (layer == nullptr) return;
+    writable_ = true;
+    ops<T>().put = [layer](LoRAAdapter<T> a, const std::string&) { layer->replace_adapter(a); };
   }
   /// Refers to `layer` for save_adapter only.
   template <typename T, typename F>
   LayerRef(const LoRALinear<T, F>* layer)  // NOLINT(google-explicit-constructor)
   {
     if (layer == nullptr) return;
-    adapter_ = &layer->adapter();
-    out_ = layer->out_features();
-    in_ = layer->in_features();
-    merged_ = [layer] { return layer->is_merged(); };
+    init<T>(*layer, false);
+    ops<T>().get = [layer](const std::string&) { return &layer->adapter(); };
+  }
+  /// Refers to `layer`, whose adapter of the name given to save_adapter or load_adapter is read
+  /// or added.
+  template <typename T, typename F>
+  LayerRef(MultiLoRALinear<T, F>* layer)  // NOLINT(google-explicit-constructor)
+      : LayerRef(static_cast<const MultiLoRALinear<T, F>*>(layer)) {
+    if (layer == nullptr) return;
+    writable_ = true;
+    ops<T>().put = [layer](LoRAAdapter<T> a, const std::string& name) {
+      layer->add_adapter(name, std::move(a));
+    };
+  }
+  /// Refers to `layer` for save_adapter only.
+  template <typename T, typename F>
+  LayerRef(const MultiLoRALinear<T, F>* layer)  // NOLINT(google-explicit-constructor)
+  {
+    if (layer == nullptr) return;
+    init<T>(*layer, true);
+    ops<T>().get = [layer](const std::string& name) { return &layer->adapter(name); };
+    ops<T>().has = [layer](const std::string& name) { return layer->has_adapter(name); };
   }
 
-  /// The layer's adapter (null for a null layer).
-  template <typename T>
-  const LoRAAdapter<T>* adapter() const {
-    const auto* a = std::get_if<const LoRAAdapter<T>*>(&adapter_);
-    return a ? *a : nullptr;
-  }
+  /// True for a null layer.
+  bool is_null() const { return scalar_ == 0; }
   /// True when the layer's scalar is T.
   template <typename T>
   bool holds() const {
-    return std::holds_alternative<const LoRAAdapter<T>*>(adapter_);
+    return scalar_ == (std::is_same_v<T, float> ? 1 : 2);
   }
-  /// True for a null layer.
-  bool is_null() const { return std::holds_alternative<std::monostate>(adapter_); }
+  /// True for a MultiLoRALinear layer (whose adapters are named).
+  bool is_multi() const { return multi_; }
   /// True for a layer given by a pointer to non-const (which load_adapter may change).
-  bool is_writable() const {
-    return static_cast<bool>(replace_float_) || static_cast<bool>(replace_double_);
-  }
+  bool is_writable() const { return writable_; }
   Eigen::Index out_features() const { return out_; }  ///< d
   Eigen::Index in_features() const { return in_; }    ///< k
   /// Whether the layer is merged now.
   bool is_merged() const { return merged_ && merged_(); }
-  /// Gives the layer `a` (LoRALinear::replace_adapter); only for a writable layer of scalar T.
+  /// Whether a MultiLoRALinear layer has an adapter `name` (false for a LoRALinear).
   template <typename T>
-  void replace_adapter(const LoRAAdapter<T>& a) const {
-    if constexpr (std::is_same_v<T, float>)
-      replace_float_(a);
-    else
-      replace_double_(a);
+  bool has_adapter(const std::string& name) const {
+    return ops<T>().has && ops<T>().has(name);
+  }
+  /// The layer's adapter (`name` of a MultiLoRALinear; ignored for a LoRALinear).
+  template <typename T>
+  const LoRAAdapter<T>& adapter(const std::string& name = {}) const {
+    return *ops<T>().get(name);
+  }
+  /// LoRALinear::replace_adapter, or MultiLoRALinear::add_adapter(name, a); only for a writable
+  /// layer of scalar T.
+  template <typename T>
+  void put_adapter(LoRAAdapter<T> a, const std::string& name = {}) const {
+    ops<T>().put(std::move(a), name);
   }
 
  private:
-  template <typename T, typename F>
-  void set_loader(LoRALinear<T, F>* layer) {
+  template <typename T>
+  struct Ops {
+    std::function<const LoRAAdapter<T>*(const std::string&)> get;
+    std::function<void(LoRAAdapter<T>, const std::string&)> put;
+    std::function<bool(const std::string&)> has;
+  };
+
+  template <typename T, typename L>
+  void init(const L& layer, bool multi) {
+    scalar_ = std::is_same_v<T, float> ? 1 : 2;
+    multi_ = multi;
+    out_ = layer.out_features();
+    in_ = layer.in_features();
+    merged_ = [&layer] { return layer.is_merged(); };
+  }
+  template <typename T>
+  Ops<T>& ops() {
     if constexpr (std::is_same_v<T, float>)
-      replace_float_ = [layer](const LoRAAdapter<float>& a) { layer->replace_adapter(a); };
+      return float_;
     else
-      replace_double_ = [layer](const LoRAAdapter<double>& a) { layer->replace_adapter(a); };
+      return double_;
+  }
+  template <typename T>
+  const Ops<T>& ops() const {
+    if constexpr (std::is_same_v<T, float>)
+      return float_;
+    else
+      return double_;
   }
 
-  std::variant<std::monostate, const LoRAAdapter<float>*, const LoRAAdapter<double>*> adapter_;
+  int scalar_ = 0;  // 0: null, 1: float, 2: double
+  bool multi_ = false, writable_ = false;
   Eigen::Index out_ = 0, in_ = 0;
   std::function<bool()> merged_;
-  std::function<void(const LoRAAdapter<float>&)> replace_float_;
-  std::function<void(const LoRAAdapter<double>&)> replace_double_;
+  Ops<float> float_;
+  Ops<double> double_;
 };
 
 /// Layers by module path in a braced list: `{{"fc1", &fc1}, {"fc2", &fc2}}`.
@@ -215,26 +261,33 @@ using LayerRefs = std::map<std::string, LayerRef>;
 
 namespace detail {
 
-/// True when every layer of `layers` is of scalar T; throws std::invalid_argument for a null
-/// layer, an empty list or a mix of float and double layers.
-template <typename T>
-bool all_of_scalar(const LayerRefs& layers, const char* who) {
-  if (layers.empty()) throw std::invalid_argument(std::string(who) + ": no layers given");
+/// True when the layers are float, false when double; throws std::invalid_argument for an empty
+/// list, a null layer, a mix of float and double, of LoRALinear and MultiLoRALinear, or a name
+/// given (or not) where the kind of layer wants the opposite.
+inline bool check_refs(const LayerRefs& layers, const char* who, bool named) {
+  const auto fail = [who](const std::string& what) {
+    return std::invalid_argument(std::string(who) + ": " + what);
+  };
+  if (layers.empty()) throw fail("no layers given");
   for (const auto& [path, ref] : layers)
     if (ref.is_null())
-      throw std::invalid_argument(std::string(who) + ": the layer given for " +
-                                  io::quote_for_message(path) + " is null");
-  const bool first = layers.begin()->second.holds<T>();
-  for (const auto& [path, ref] : layers)
-    if (ref.template holds<T>() != first)
-      throw std::invalid_argument(std::string(who) + ": the layers mix float and double (" +
-                                  io::quote_for_message(layers.begin()->first) + " and " +
-                                  io::quote_for_message(path) + ")");
-  return first;
+      throw fail("the layer given for " + io::quote_for_message(path) + " is null");
+  const auto& [first_path, first] = *layers.begin();
+  for (const auto& [path, ref] : layers) {
+    if (ref.holds<float>() != first.holds<float>())
+      throw fail("the layers mix float and double (" + io::quote_for_message(first_path) + " and " +
+                 io::quote_for_message(path) + ")");
+    if (ref.is_multi() != named)
+      throw fail(named ? "an adapter name is given but the layer of " +
+                             io::quote_for_message(path) + " is a LoRALinear"
+                       : "the layer of " + io::quote_for_message(path) +
+                             " is a MultiLoRALinear: give the adapter's name");
+  }
+  return first.holds<float>();
 }
 
 template <typename T>
-AdapterConfig load_refs(const std::string& dir, const LayerRefs& layers,
+AdapterConfig load_refs(const std::string& dir, const LayerRefs& layers, const std::string& name,
                         const ReadOptions& options) {
   for (const auto& [path, ref] : layers)
     if (!ref.is_writable())
@@ -244,18 +297,24 @@ AdapterConfig load_refs(const std::string& dir, const LayerRefs& layers,
   std::map<std::string, const LayerRef*> pointers;
   for (const auto& [path, ref] : layers) pointers.emplace(path, &ref);
   match_modules(file, pointers, dir);
-  for (const auto& [path, ref] : layers)
-    lora::detail::require_state(!ref.is_merged(), "load_adapter: the layer of \"", path,
-                                "\" is merged; unmerge it first");
-  for (const auto& [path, adapter] : file.modules) layers.at(path).replace_adapter(adapter);
+  for (const auto& [path, ref] : layers) {
+    if (ref.is_multi())
+      lora::detail::require(!ref.template has_adapter<T>(name), "load_adapter: the layer of \"",
+                            path, "\" already has an adapter named \"", name, "\"");
+    else
+      lora::detail::require_state(!ref.is_merged(), "load_adapter: the layer of \"", path,
+                                  "\" is merged; unmerge it first");
+  }
+  for (auto& [path, adapter] : file.modules)
+    layers.at(path).template put_adapter<T>(std::move(adapter), name);
   return file.config;
 }
 
 template <typename T>
-AdapterConfig save_refs(const std::string& dir, const LayerRefs& layers,
+AdapterConfig save_refs(const std::string& dir, const LayerRefs& layers, const std::string& name,
                         const SaveOptions& options) {
   std::map<std::string, const LoRAAdapter<T>*> adapters;
-  for (const auto& [path, ref] : layers) adapters.emplace(path, ref.template adapter<T>());
+  for (const auto& [path, ref] : layers) adapters.emplace(path, &ref.template adapter<T>(name));
   return write_adapter<T>(dir, adapters, options);
 }
 
@@ -265,18 +324,36 @@ AdapterConfig save_refs(const std::string& dir, const LayerRefs& layers,
 /// `save_adapter("out", {{"fc1", &fc1}, {"fc2", &fc2}})`. See write_adapter.
 inline AdapterConfig save_adapter(const std::string& dir, const LayerRefs& layers,
                                   const SaveOptions& options = {}) {
-  return detail::all_of_scalar<float>(layers, "save_adapter")
-             ? detail::save_refs<float>(dir, layers, options)
-             : detail::save_refs<double>(dir, layers, options);
+  return detail::check_refs(layers, "save_adapter", false)
+             ? detail::save_refs<float>(dir, layers, {}, options)
+             : detail::save_refs<double>(dir, layers, {}, options);
+}
+
+/// save_adapter for adapter `name` of a braced list of MultiLoRALinear layers:
+/// `save_adapter("out", {{"fc1", &fc1}}, "task_a")`.
+inline AdapterConfig save_adapter(const std::string& dir, const LayerRefs& layers,
+                                  const std::string& name, const SaveOptions& options = {}) {
+  return detail::check_refs(layers, "save_adapter", true)
+             ? detail::save_refs<float>(dir, layers, name, options)
+             : detail::save_refs<double>(dir, layers, name, options);
 }
 
 /// load_adapter for a braced list of LoRALinear layers: `load_adapter("out", {{"fc1", &fc1}})`,
 /// all-or-nothing as the map overload.
 inline AdapterConfig load_adapter(const std::string& dir, const LayerRefs& layers,
                                   const ReadOptions& options = {}) {
-  return detail::all_of_scalar<float>(layers, "load_adapter")
-             ? detail::load_refs<float>(dir, layers, options)
-             : detail::load_refs<double>(dir, layers, options);
+  return detail::check_refs(layers, "load_adapter", false)
+             ? detail::load_refs<float>(dir, layers, {}, options)
+             : detail::load_refs<double>(dir, layers, {}, options);
+}
+
+/// load_adapter for a braced list of MultiLoRALinear layers, adding the file's adapter as `name`:
+/// `load_adapter("out", {{"fc1", &fc1}}, "task_b")`; all-or-nothing as the map overload.
+inline AdapterConfig load_adapter(const std::string& dir, const LayerRefs& layers,
+                                  const std::string& name, const ReadOptions& options = {}) {
+  return detail::check_refs(layers, "load_adapter", true)
+             ? detail::load_refs<float>(dir, layers, name, options)
+             : detail::load_refs<double>(dir, layers, name, options);
 }
 
 }  // namespace lora::peft
