@@ -31,7 +31,7 @@ constexpr int kIn = 16, kHidden = 32, kOut = 4, kSamples = 256;
 int failures = 0;
 
 void check(bool ok, const char* what, double value) {
-  std::printf("  [%s] %-58s %.3g\n", ok ? " ok " : "FAIL", what, value);
+  std::printf("  [%s] %-66s %.3g\n", ok ? " ok " : "FAIL", what, value);
   if (!ok) ++failures;
 }
 
