@@ -605,7 +605,9 @@ TEST(HostileInputs, EveryErrorClassOfTheIoApiHasTheDocumentedType) {
   const std::vector<std::pair<std::string, std::function<void()>>> write_errors = {
       {"folder inside a file", [&] { lora::peft::write_adapter(dir + "/a_file/x", adapters); }},
       {"folder path is a file", [&] { lora::peft::write_adapter(dir + "/a_file", adapters); }},
-      {"missing parent", [&] { lora::peft::write_adapter(dir + "/none/x", adapters); }},
+      // Missing parents are created (and removed again when the save fails, as here).
+      {"folder name too long",
+       [&] { lora::peft::write_adapter(dir + "/none/" + std::string(300, 'x'), adapters); }},
       {"empty path", [&] { lora::io::write_file_atomically("", "x"); }},
       {"injected", [&] {
          lora::io::detail::injected_write_failure = lora::io::detail::WriteStep::Sync;
@@ -616,6 +618,7 @@ TEST(HostileInputs, EveryErrorClassOfTheIoApiHasTheDocumentedType) {
     expect_exactly<WriteError>(f);
     lora::io::detail::injected_write_failure = lora::io::detail::WriteStep::None;
   }
+  EXPECT_FALSE(exists(dir + "/none")) << "a failed save left a folder it created";
   expect_exactly<std::invalid_argument>([&] {
     lora::peft::write_adapter(dir + "/x", std::map<std::string, const lora::LoRAAdapter<float>*>{});
   });

@@ -8,3 +8,4 @@
 #include "lora/io/safetensors_writer.hpp"
 #include "lora/peft/adapter_config.hpp"
 #include "lora/peft/adapter_io.hpp"
+#include "lora/peft/make_layers.hpp"

@@ -505,6 +505,30 @@ inline bool make_directory(const std::string& dir) {
   return false;
 }
 
+/// Creates `dir` and its missing parents (mkdir -p); returns the folders it created, the deepest
+/// last, so that a failed save can remove them again (see remove_directories).
+inline std::vector<std::string> make_directories(const std::string& dir) {
+  if (dir.empty()) make_directory(dir);  // throws: "" names no folder
+  std::vector<std::string> created;
+  try {
+    for (std::size_t i = 1; i <= dir.size(); ++i) {
+      if (i < dir.size() && dir[i] != '/') continue;
+      if (dir[i - 1] == '/') continue;  // "a//b", or a trailing '/'
+      const std::string prefix = dir.substr(0, i);
+      if (make_directory(prefix)) created.push_back(prefix);
+    }
+  } catch (...) {
+    for (auto it = created.rbegin(); it != created.rend(); ++it) ::rmdir(it->c_str());
+    throw;
+  }
+  return created;
+}
+
+/// Removes the folders make_directories created, the deepest first (each only when empty).
+inline void remove_directories(const std::vector<std::string>& created) {
+  for (auto it = created.rbegin(); it != created.rend(); ++it) ::rmdir(it->c_str());
+}
+
 inline void require_not_directory(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
@@ -589,7 +613,8 @@ void require_finite_for_save(const std::string& key, const Eigen::MatrixBase<Der
 /// entries where modules differ). A module without a lora bias, in an adapter where others have
 /// one, gets a zero bias (PEFT's lora_bias is per adapter). Both files are fully built before
 /// either is written, and each is replaced atomically; a save that fails part-way leaves the
-/// directory as it was: the previous pair of files, or no new file (and no new directory). Throws
+/// directory as it was: the previous pair of files, or no new file (and no new directory: missing
+/// parent folders are created, and removed again when the save fails). Throws
 /// std::invalid_argument (what PEFT cannot express), std::domain_error (a non-finite weight, or one
 /// that `options.dtype` cannot hold) or io::WriteError. Returns the config written.
 template <typename T>
@@ -628,7 +653,7 @@ AdapterConfig write_adapter(const std::string& dir,
   const std::vector<std::uint8_t> weights = w.serialize();
   const std::string config_text = config.dump();
 
-  const bool created = detail::make_directory(dir);
+  const std::vector<std::string> created = detail::make_directories(dir);
   const std::string weights_path = detail::join_path(dir, kWeightsFileName);
   const std::string config_path = detail::join_path(dir, kConfigFileName);
   try {
@@ -642,7 +667,7 @@ AdapterConfig write_adapter(const std::string& dir,
       throw;
     }
   } catch (...) {
-    if (created) ::rmdir(dir.c_str());  // only succeeds when it is empty again
+    detail::remove_directories(created);  // each only succeeds when it is empty again
     throw;
   }
   return config;
