@@ -53,6 +53,7 @@ enum class Bf16Backend {
   OneDnn,    ///< oneDNN's bf16 matmul; throws at construction when lora was built without it.
 };
 
+/// The frozen weight W0 (d x k) stored in bfloat16, for layers of float: see the top of this file.
 class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, float> {
  public:
   /// Rounds W0 (out x in, fp32) to bf16 and stores it. `mode`: ExactRestore (the default) merges
@@ -70,18 +71,23 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
 #endif
   }
 
+  /// d, the rows of W0 (output features).
   Index out_features() const {
     return pristine_.rows();
   }
+  /// k, the columns of W0 (input features).
   Index in_features() const {
     return pristine_.cols();
   }
+  /// How unmerge() restores W0, chosen at construction (ExactRestore by default).
   MergeMode merge_mode() const {
     return mode_;
   }
+  /// True while a delta is merged into the weight.
   bool is_merged() const {
     return is_merged_;
   }
+  /// The kernel the products run on (resolved at construction).
   Bf16Backend backend() const {
     return backend_;
   }

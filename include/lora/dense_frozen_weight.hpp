@@ -19,6 +19,8 @@
 namespace lora {
 
 template <typename T>
+/// The frozen weight W0 (d x k) as a dense matrix of T: the reference storage of the contract in
+/// frozen_storage.hpp, and every layer's default. Products run on Eigen's kernel, allocation-free.
 class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>, T> {
   using Base = detail::FrozenStorageBase<DenseFrozenWeight<T>, T>;
   friend Base;  // calls product() and transposed_product()
@@ -36,9 +38,13 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
                     detail::shape_string(weight_.rows(), weight_.cols()));
   }
 
+  /// d, the rows of W0 (output features).
   Index out_features() const { return weight_.rows(); }
+  /// k, the columns of W0 (input features).
   Index in_features() const { return weight_.cols(); }
+  /// How unmerge() restores W0, chosen at construction.
   MergeMode merge_mode() const { return mode_; }
+  /// True while a delta is merged into the weight.
   bool is_merged() const { return merged_; }
   /// The products run on Eigen's kernel with per-thread buffers (detail/gemm.hpp): none allocates
   /// once the buffers have grown (unless Eigen's public products are forced, see gemm.hpp).
@@ -48,7 +54,9 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
   const Matrix& matrix() const { return weight_; }
   /// The weight in use as a new matrix (the contract's weight(); matrix() avoids the copy).
   Matrix weight() const { return weight_; }
+  /// True when the weight in use holds no NaN or infinity (no allocation).
   bool all_finite() const { return weight_.allFinite(); }
+  /// Bytes held: W0, and the pristine copy an ExactRestore merge keeps.
   std::size_t stored_bytes() const {
     return static_cast<std::size_t>(weight_.size() + spare_.size()) * sizeof(T);
   }

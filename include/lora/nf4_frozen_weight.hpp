@@ -76,9 +76,13 @@ struct Nf4Options {
   /// Store the block scales in 8 bits (groups of 256) instead of fp32: 4.127 instead of 4.5 bits
   /// per weight, for a decoded-scale error of at most m / 254 (see the top of this file).
   bool double_quantization = true;
+  /// Which kernel runs the products (Auto: oneDNN where it runs, else Portable).
   Nf4Backend backend = Nf4Backend::Auto;
 };
 
+/// The frozen weight W0 (d x k) in 4-bit NormalFloat (QLoRA): blocks of 64 weights per row, each
+/// scaled by its absmax (optionally double-quantized), two codes per byte. See the top of this
+/// file.
 class Nf4FrozenWeight : public detail::FrozenStorageBase<Nf4FrozenWeight, float> {
  public:
   /// Quantizes W0 (out x in, fp32). Throws std::invalid_argument for an empty W0, for
@@ -106,21 +110,27 @@ class Nf4FrozenWeight : public detail::FrozenStorageBase<Nf4FrozenWeight, float>
   Nf4FrozenWeight(const Eigen::Ref<const Matrix>& W0, Nf4Options options)
       : Nf4FrozenWeight(W0, MergeMode::ExactRestore, options) {}
 
+  /// d, the rows of W0 (output features).
   Index out_features() const {
     return d_;
   }
+  /// k, the columns of W0 (input features).
   Index in_features() const {
     return k_;
   }
+  /// Always MergeMode::ExactRestore: merge builds the merged weight beside the packed W0.
   MergeMode merge_mode() const {
     return MergeMode::ExactRestore;
   }
+  /// True while a merged fp32 weight is in use.
   bool is_merged() const {
     return is_merged_;
   }
+  /// The kernel the products run on (resolved at construction).
   Nf4Backend backend() const {
     return backend_;
   }
+  /// True when the block scales are double-quantized (8-bit, groups of 256).
   bool double_quantization() const {
     return double_quant_;
   }
@@ -149,6 +159,7 @@ class Nf4FrozenWeight : public detail::FrozenStorageBase<Nf4FrozenWeight, float>
     return backend_ == Nf4Backend::Portable && detail::kGemmAllocationFree;
   }
 
+  /// Bytes held: the packed W0 and, while merged, the fp32 merged weight.
   std::size_t stored_bytes() const {
     return packed_bytes() + static_cast<std::size_t>(merged_.size()) * sizeof(float);
   }

@@ -140,8 +140,11 @@ struct SGDOptions {
 template <typename T>
 class SGD {
  public:
+  /// A dense T matrix (the optimizer's state per parameter).
   using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
 
+  /// An optimizer over `params` (views of tensors owned elsewhere; see parameter.hpp). Throws
+  /// std::invalid_argument for a bad option or a tensor given twice. Allocates its state here.
   explicit SGD(std::vector<ParameterView<T>> params, SGDOptions options = {})
       : params_(std::move(params)), options_(options) {
     options_.validate();
@@ -187,9 +190,13 @@ class SGD {
     o.validate();
     options_ = o;
   }
+  /// The learning rate in use.
   double learning_rate() const { return options_.lr; }
+  /// The options in use.
   const SGDOptions& options() const { return options_; }
+  /// The number of step() calls so far.
   long long step_count() const { return steps_; }
+  /// The parameters this optimizer updates.
   const std::vector<ParameterView<T>>& parameters() const { return params_; }
   /// The momentum buffer of parameter i (empty when momentum is 0).
   const Matrix& momentum_buffer(std::size_t i) const {
@@ -237,8 +244,11 @@ struct AdamWOptions {
 template <typename T>
 class AdamW {
  public:
+  /// A dense T matrix (the optimizer's state per parameter).
   using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
 
+  /// An optimizer over `params` (views of tensors owned elsewhere; see parameter.hpp). Throws
+  /// std::invalid_argument for a bad option or a tensor given twice. Allocates its state here.
   explicit AdamW(std::vector<ParameterView<T>> params, AdamWOptions options = {})
       : params_(std::move(params)), options_(options) {
     options_.validate();
@@ -286,9 +296,13 @@ class AdamW {
     o.validate();
     options_ = o;
   }
+  /// The learning rate in use.
   double learning_rate() const { return options_.lr; }
+  /// The options in use.
   const AdamWOptions& options() const { return options_; }
+  /// The number of step() calls so far.
   long long step_count() const { return steps_; }
+  /// The parameters this optimizer updates.
   const std::vector<ParameterView<T>>& parameters() const { return params_; }
   const Matrix& first_moment(std::size_t i) const { return m_.at(i); }   ///< m of parameter i
   const Matrix& second_moment(std::size_t i) const { return v_.at(i); }  ///< v of parameter i

@@ -22,14 +22,17 @@ namespace lora {
 /// The generation of one tensor's storage, shared between its owner and the views of it: the
 /// owner bumps `generation` whenever the tensor's buffer is reallocated or retired.
 struct TensorLifetime {
+  /// Moves on whenever the tensor's buffer is reallocated or retired.
   std::uint64_t generation = 0;
 };
 
 /// One trainable tensor: its value and its gradient dL/dvalue, of the same shape, column-major.
 template <typename T>
 struct ParameterView {
+  /// A dense T matrix.
   using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
 
+  /// The tensor's values (column-major; a vector is n x 1).
   Eigen::Map<Matrix> value;
   Eigen::Map<Matrix> grad;  ///< same shape as value
   /// What the view is of, for messages ("A", "B", "lora_bias", or a caller's name).
@@ -37,7 +40,9 @@ struct ParameterView {
   /// Keeps the storage alive (null for a view of the caller's own matrices, whose lifetime the
   /// caller manages) and tells whether the view still sees the tensor's current buffer.
   std::shared_ptr<const void> keep_alive;
+  /// The tensor's lifetime (in the block keep_alive holds), or null.
   const TensorLifetime* lifetime = nullptr;
+  /// The lifetime's generation when the view was taken.
   std::uint64_t generation = 0;
 
   /// False once the tensor this view was taken from has been reallocated or destroyed.

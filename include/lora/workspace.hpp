@@ -21,9 +21,13 @@ enum class Slot : int {
 };
 
 template <typename T>
+/// Scratch buffers for a layer's out-parameter calls, named by Slot; owned by the caller and reused
+/// across steps so that a training loop allocates nothing once the buffers have grown.
 class Workspace {
  public:
+  /// A dense T matrix.
   using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  /// A view of scratch memory as a matrix.
   using View = Eigen::Map<Matrix>;
 
   /// A rows x cols scratch matrix in `slot`; the slots are independent buffers. A buffer grows
@@ -45,6 +49,7 @@ class Workspace {
     return n;
   }
 
+  /// The number of slots (Slot::Count).
   static constexpr int kSlots = static_cast<int>(Slot::Count);
 
  private:

@@ -19,6 +19,8 @@
 
 namespace lora::onednn {
 
+/// An fp32 frozen weight W0 (d x k) whose products run on oneDNN's matmul; storage and merge are
+/// DenseFrozenWeight<float>'s.
 class OneDnnFrozenWeight : public lora::detail::FrozenStorageBase<OneDnnFrozenWeight, float> {
  public:
   /// Takes W0 (out x in); pass an rvalue to move it in.
@@ -27,16 +29,25 @@ class OneDnnFrozenWeight : public lora::detail::FrozenStorageBase<OneDnnFrozenWe
     cache_.create();
   }
 
+  /// d, the rows of W0 (output features).
   Index out_features() const { return dense_.out_features(); }
+  /// k, the columns of W0 (input features).
   Index in_features() const { return dense_.in_features(); }
+  /// How unmerge() restores W0, chosen at construction.
   MergeMode merge_mode() const { return dense_.merge_mode(); }
+  /// True while a delta is merged into the weight.
   bool is_merged() const { return dense_.is_merged(); }
   /// oneDNN's execute() makes a few small allocations of its own per call.
   bool allocation_free() const { return false; }
-  const Matrix& matrix() const { return dense_.matrix(); }  ///< the weight in use, no copy
+  /// The weight in use, by reference: no copy.
+  const Matrix& matrix() const { return dense_.matrix(); }
+  /// The weight in use as a new matrix.
   Matrix weight() const { return dense_.weight(); }
+  /// True when the weight in use holds no NaN or infinity.
   bool all_finite() const { return dense_.all_finite(); }
+  /// The row norms of W0, in double (see DenseFrozenWeight::row_norms).
   void row_norms(Eigen::Ref<Eigen::VectorXd> out) const { dense_.row_norms(out); }
+  /// Bytes held (see DenseFrozenWeight::stored_bytes).
   std::size_t stored_bytes() const { return dense_.stored_bytes(); }
 
   /// As DenseFrozenWeight<float>::merge: W = diag(g)(W0 + s B A), refused when not finite.
@@ -44,6 +55,7 @@ class OneDnnFrozenWeight : public lora::detail::FrozenStorageBase<OneDnnFrozenWe
              const Eigen::Ref<const Vector>& g) {
     dense_.merge(s, B, A, g);
   }
+  /// Back to W0 (see DenseFrozenWeight::unmerge).
   void unmerge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
                const Eigen::Ref<const Vector>& g) {
     dense_.unmerge(s, B, A, g);

@@ -580,6 +580,7 @@ struct AdapterConfig {
 /// config.
 class ModuleRules {
  public:
+  /// Compiles every pattern key of `config` once (`source` names the file in messages).
   explicit ModuleRules(const AdapterConfig& config,
                        const std::string& source = "adapter_config.json")
       : config_(&config),
@@ -605,16 +606,19 @@ class ModuleRules {
     return config_->alpha_pattern[*i].first;
   }
 
+  /// The rank of `module`: its rank_pattern entry, or the config's r.
   int rank_for(const std::string& module) const {
     const auto i = rank_.first_match(module);
     return i ? config_->rank_pattern[*i].second : config_->r;
   }
 
+  /// The lora_alpha of `module`: its alpha_pattern entry, or the config's lora_alpha.
   double alpha_for(const std::string& module) const {
     const auto i = alpha_.first_match(module);
     return i ? config_->alpha_pattern[*i].second : config_->lora_alpha;
   }
 
+  /// The LoRAConfig of `module` (rank, alpha, rsLoRA) as PEFT builds the layer.
   LoRAConfig lora_config_for(const std::string& module) const {
     LoRAConfig c;
     c.rank = rank_for(module);
@@ -638,6 +642,7 @@ class ModuleRules {
     return false;
   }
 
+  /// Throws FormatError for a module that `config` does not target.
   void check_modules(const std::vector<std::string>& modules) const {
     auto check = [&](const detail::PatternTable& table, const char* what) {
       std::vector<bool> used(table.keys().size(), false);
