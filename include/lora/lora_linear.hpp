@@ -109,6 +109,13 @@ class LoRALinear : protected AdapterLayer<T, Frozen> {
   Matrix& grad_A() { return adapter().grad_A(); }
   Matrix& grad_B() { return adapter().grad_B(); }
 
+  /// DoRA's magnitude m (length d; empty unless config().use_dora) and its gradient. Writing m
+  /// while merged is safe, as for A and B.
+  const Vector& magnitude() const { return adapter().magnitude(); }
+  Vector& magnitude() { return adapter().magnitude(); }
+  const Vector& grad_magnitude() const { return adapter().grad_magnitude(); }  ///< dL/dm
+  Vector& grad_magnitude() { return adapter().grad_magnitude(); }
+
   const Adapter& adapter() const { return Core::entry(0).adapter; }
   Adapter& adapter() { return Core::entry(0).adapter; }
 
@@ -128,10 +135,12 @@ class LoRALinear : protected AdapterLayer<T, Frozen> {
   /// MultiLoRALinear::set_active.)
   void replace_adapter(const Adapter& adapter) { Core::replace_adapter(kName, adapter); }
 
-  /// The trainable tensors as optimizer views: A, B and the lora bias when present.
+  /// The trainable tensors as optimizer views: A, B, and the lora bias or DoRA's magnitude when
+  /// present.
   std::vector<ParameterView<T>> parameters() { return adapter().parameters(); }
 
-  /// s * B * A as a dense d x k matrix (for inspection and export; training never forms it).
+  /// s * B * A as a dense d x k matrix (for inspection and export; training never forms it). For
+  /// DoRA this is the direction's update only; weight() after merge() is the whole adapted weight.
   Matrix delta_weight() const { return scaling() * B() * A(); }
 
  private:
@@ -146,7 +155,7 @@ class LoRALinear : protected AdapterLayer<T, Frozen> {
 };
 
 /// The layer's adapter as optimizer parameters: {A, grad_A} (r x k), {B, grad_B} (d x r) and, with
-/// a lora bias, {b_B, grad}. The views stay valid while the layer keeps its adapter's shapes
+/// a lora bias, {b_B, grad}; with DoRA, {m, grad_m} (d x 1). The views stay valid while the layer keeps its adapter's shapes
 /// (moving the layer is fine); see parameter.hpp. The frozen weight and bias are not included.
 template <typename T, typename F>
 std::vector<ParameterView<T>> adapter_parameters(LoRALinear<T, F>& layer) {
