@@ -71,7 +71,7 @@ struct EpochStats {
 
 struct Run {
   std::string name;
-  int rank = 0;  // 0: full fine-tuning
+  int rank = 0;       // 0: full fine-tuning
   bool dora = false;  // DoRA (a learned magnitude per output) rather than plain LoRA
   std::vector<int> layer_ranks;
   Eigen::Index trainable = 0;
@@ -413,15 +413,16 @@ int run(const Settings& s) {
                    {"train_seconds", up_seconds},
                    {"epochs", s.upstream_epochs}};
   for (const auto& r : runs)
-    j[r.dora ? "dora" : "lora"].push_back({{"rank", r.rank},
-                         {"layer_ranks", r.layer_ranks},
-                         {"trainable_parameters", r.trainable},
-                         {"percent_of_full", 100.0 * double(r.trainable) / double(full_count)},
-                         {"downstream_accuracy", r.downstream_acc},
-                         {"upstream_accuracy_adapter_disabled", r.upstream_acc},
-                         {"upstream_logits_bit_identical", r.upstream_exact},
-                         {"train_seconds", r.seconds},
-                         {"epochs", s.lora_epochs}});
+    j[r.dora ? "dora" : "lora"].push_back(
+        {{"rank", r.rank},
+         {"layer_ranks", r.layer_ranks},
+         {"trainable_parameters", r.trainable},
+         {"percent_of_full", 100.0 * double(r.trainable) / double(full_count)},
+         {"downstream_accuracy", r.downstream_acc},
+         {"upstream_accuracy_adapter_disabled", r.upstream_acc},
+         {"upstream_logits_bit_identical", r.upstream_exact},
+         {"train_seconds", r.seconds},
+         {"epochs", s.lora_epochs}});
   j["full_finetune"] = {{"trainable_parameters", full_run.trainable},
                         {"downstream_accuracy", full_run.downstream_acc},
                         {"upstream_accuracy_after", full_run.upstream_acc},

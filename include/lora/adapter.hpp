@@ -5,12 +5,12 @@
 // magnitude m (length d) and its gradient, trained beside A and B; the layer applies it
 // (adapter_layer.hpp, docs/dora.md).
 //
-// The tensors (A, B, the lora bias, the DoRA magnitude and their gradients) live in one heap block that the adapter
-// shares with the ParameterViews handed out by parameters(): moving the adapter (or the layer
-// holding it) keeps the views valid, and no view can outlive the memory it points to. Assigning
-// another adapter copies into the existing buffers where the shapes agree, so an optimizer built
-// earlier keeps training the new values; a tensor whose shape changes is reallocated and its old
-// views become stale (see parameter.hpp).
+// The tensors (A, B, the lora bias, the DoRA magnitude and their gradients) live in one heap block
+// that the adapter shares with the ParameterViews handed out by parameters(): moving the adapter
+// (or the layer holding it) keeps the views valid, and no view can outlive the memory it points to.
+// Assigning another adapter copies into the existing buffers where the shapes agree, so an
+// optimizer built earlier keeps training the new values; a tensor whose shape changes is
+// reallocated and its old views become stale (see parameter.hpp).
 #pragma once
 
 #include "lora/config.hpp"
@@ -243,19 +243,10 @@ class LoRAAdapter {
     detail::require(uses_dora(),
                     "LoRAAdapter::set_magnitude: this adapter is not a DoRA adapter "
                     "(config().use_dora is false)");
-    detail::require(m.size() == out_features(),
-                    "LoRAAdapter::set_magnitude: m must have length ", out_features(),
-                    " (out_features), got ", m.size());
+    detail::require(m.size() == out_features(), "LoRAAdapter::set_magnitude: m must have length ",
+                    out_features(), " (out_features), got ", m.size());
     tensors().magnitude = m;
     magnitude_pending_ = false;
-  }
-
-  /// dm += sum over columns of G .* Zn, where Zn = (W0 X + s B A X) / ||W|| is the normalised
-  /// direction's output (the norm held constant, as PEFT and the paper's section 4.3 do).
-  ///   G, Zn: d x n.
-  void accumulate_magnitude_gradient(const Eigen::Ref<const Matrix>& G,
-                                     const Eigen::Ref<const Matrix>& Zn) {
-    tensors().grad_magnitude.noalias() += G.cwiseProduct(Zn).rowwise().sum();
   }
 
   // ---- lora bias (PEFT's `lora_bias=True`) -----------------------------------------------------
@@ -298,8 +289,8 @@ class LoRAAdapter {
     if (has_lora_bias()) H.colwise() += scaling_ * tensors().lora_bias;
   }
 
-  /// True when A, B, the lora bias, DoRA's magnitude and their gradients hold no NaN or infinity. O(r (d + k)):
-  /// cheap every step.
+  /// True when A, B, the lora bias, DoRA's magnitude and their gradients hold no NaN or infinity.
+  /// O(r (d + k)): cheap every step.
   bool all_finite() const {
     const auto& t = tensors();
     return t.A.allFinite() && t.B.allFinite() && t.grad_A.allFinite() && t.grad_B.allFinite() &&

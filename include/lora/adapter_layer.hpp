@@ -511,9 +511,9 @@ class AdapterLayer {
   // ---- merge -----------------------------------------------------------------------------------
 
   /// Folds the active adapter's s*B*A into the weight so that forward costs exactly a dense layer;
-  /// a no-op when merged. A DoRA adapter merges W = diag(m / ||W0 + s B A||) (W0 + s B A). Throws std::logic_error without an active adapter, std::domain_error
-  /// (weight untouched) if A, B or s is not finite or if the merged weight is not finite in the
-  /// storage's type where W0 was.
+  /// a no-op when merged. A DoRA adapter merges W = diag(m / ||W0 + s B A||) (W0 + s B A). Throws
+  /// std::logic_error without an active adapter, std::domain_error (weight untouched) if A, B or s
+  /// is not finite or if the merged weight is not finite in the storage's type where W0 was.
   void merge() {
     if (is_merged()) return;
     const Entry& e = active_entry("merge");
@@ -791,9 +791,8 @@ class AdapterLayer {
         const bool masked = dropout && ad.config().dropout > 0;
         auto dXa = ws.get(Slot::GatheredOutput, in_features(), dX != nullptr ? n_a : 0);
         Eigen::Ref<Matrix> dXa_ref(dXa);
-        const auto Gc =
-            dora_gradients(ad, a, Xa, X, Ga, &adapters, dX != nullptr ? &dXa_ref : nullptr,
-                           masked, ws);
+        const auto Gc = dora_gradients(ad, a, Xa, X, Ga, &adapters,
+                                       dX != nullptr ? &dXa_ref : nullptr, masked, ws);
         if (dX == nullptr) continue;
         if (!masked) scatter(Gc, adapters, a, G_out);  // W0^T (c .* G) for these columns
         scatter(dXa, adapters, a, *dX);
@@ -947,15 +946,16 @@ class AdapterLayer {
       auto Xd = ws.get(Slot::MaskedInput, in_features(), n);
       Xd = X.cwiseProduct(dropout_mask());
       auto base = ws.get(Slot::DoraBase, d, n);
-      frozen_.multiply(Xd, base);                                                // W0 Xd
+      frozen_.multiply(Xd, base);                                             // W0 Xd
       a.assign_forward(Xd, H, ws.get(Slot::LowRank, a.rank(), n), Vector());  // s B A Xd
-      H += base;                                                                 // Zd
+      H += base;                                                              // Zd
       for (Index j = 0; j < n; ++j) dora_finish_column(H.col(j), sc, j, &base, j);
       frozen_.multiply_add(X, H);  // + W0 X: (d x k)(k x n)
     } else {
       a.assign_forward(X, H, ws.get(Slot::LowRank, a.rank(), n), Vector());  // s B A X
       frozen_.multiply_add(X, H);  // Z = W0 X + s B A X: (d x k)(k x n), the cost of the layer
-      for (Index j = 0; j < n; ++j) dora_finish_column(H.col(j), sc, training_ ? j : -1, nullptr, 0);
+      for (Index j = 0; j < n; ++j)
+        dora_finish_column(H.col(j), sc, training_ ? j : -1, nullptr, 0);
     }
   }
 
@@ -989,16 +989,20 @@ class AdapterLayer {
     const Index d = out_features(), n = Xin.cols(), r = ad.rank();
     auto sc = ws.get(Slot::DoraScales, d, 2);
     auto Gc = ws.get(Slot::DoraScaledGrad, d, n);
+    auto& dm = ad.grad_magnitude();
+    // One pass over the group's columns: dm += G .* Zn (summed over columns), Gc = c .* G.
+    auto scale_and_dm = [&](Index c, auto zn) {
+      dm.noalias() += G.col(c).cwiseProduct(zn);
+      Gc.col(c) = G.col(c).cwiseProduct(sc.col(0));
+    };
     if (tape_fits(index, ad, X)) {
       sc.col(0) = tape_[static_cast<std::size_t>(index)].c;
       const auto tape = tape_direction();
       if (adapters == nullptr) {
-        ad.accumulate_magnitude_gradient(G, tape);
+        for (Index j = 0; j < n; ++j) scale_and_dm(j, tape.col(j));
       } else {
-        auto Zn = ws.get(Slot::DoraDirection, d, n);
         for (Index j = 0, c = 0; j < X.cols(); ++j)
-          if ((*adapters)[static_cast<std::size_t>(j)] == index) Zn.col(c++) = tape.col(j);
-        ad.accumulate_magnitude_gradient(G, Zn);
+          if ((*adapters)[static_cast<std::size_t>(j)] == index) scale_and_dm(c++, tape.col(j));
       }
     } else {
       // No matching training-mode forward: one more dense product recomputes Z.
@@ -1006,10 +1010,8 @@ class AdapterLayer {
       auto Zn = ws.get(Slot::DoraDirection, d, n);
       ad.assign_forward(Xin, Zn, ws.get(Slot::LowRank, r, n), Vector());  // s B A Xin
       frozen_.multiply_add(Xin, Zn);                                      // + W0 Xin
-      Zn.array().colwise() *= sc.col(1).array();
-      ad.accumulate_magnitude_gradient(G, Zn);
+      for (Index j = 0; j < n; ++j) scale_and_dm(j, Zn.col(j).cwiseProduct(sc.col(1)));
     }
-    Gc.array() = G.array().colwise() * sc.col(0).array();
     auto BtG = ws.get(Slot::BackProjected, r, n);
     ad.accumulate_gradients(Xin, Gc, ws.get(Slot::LowRank, r, n), BtG);
     if (dXa == nullptr) return Gc;
@@ -1058,7 +1060,6 @@ class AdapterLayer {
            same(t.m, a.magnitude()) &&
            Eigen::Map<const Matrix>(tape_x_.data(), in_features(), tape_n_) == X;
   }
-
 
   Frozen frozen_;
   Vector bias_;

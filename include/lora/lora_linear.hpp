@@ -155,8 +155,9 @@ class LoRALinear : protected AdapterLayer<T, Frozen> {
 };
 
 /// The layer's adapter as optimizer parameters: {A, grad_A} (r x k), {B, grad_B} (d x r) and, with
-/// a lora bias, {b_B, grad}; with DoRA, {m, grad_m} (d x 1). The views stay valid while the layer keeps its adapter's shapes
-/// (moving the layer is fine); see parameter.hpp. The frozen weight and bias are not included.
+/// a lora bias, {b_B, grad}; with DoRA, {m, grad_m} (d x 1). The views stay valid while the layer
+/// keeps its adapter's shapes (moving the layer is fine); see parameter.hpp. The frozen weight and
+/// bias are not included.
 template <typename T, typename F>
 std::vector<ParameterView<T>> adapter_parameters(LoRALinear<T, F>& layer) {
   return layer.parameters();
