@@ -4,15 +4,22 @@
 // W0 + s B A (what the layer avoids), and the cancellation the norm formula can suffer.
 #include "test_helpers.hpp"
 
+#include <lora/io/atomic_file.hpp>
 #include <lora/io/safetensors.hpp>
 #include <lora/lora.hpp>
+#include <lora/peft/adapter_io.hpp>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <sys/stat.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -64,7 +71,8 @@ struct DenseDora {
   }
 };
 
-// ---- PEFT's per-layer cases, both faces -----------------------------------------------------------
+// ---- PEFT's per-layer cases, both faces
+// -----------------------------------------------------------
 
 struct PeftCase {
   std::string name;
@@ -172,9 +180,14 @@ TEST(DoraPeft, EveryCaseOnBothFacesWithAndWithoutAPrecedingForward) {
 TEST(DoraPeft, TheFormulasOfTheFixturesReadmeReproducePeft) {
   // Guards the reference used below: the dense formulas are PEFT's numbers.
   const PeftCase pc = load_case("dora_f64_rslora_bias");
-  DenseDora ref{pc.st.matrix<double>("W0"), pc.st.matrix<double>("A"), pc.st.matrix<double>("B"),
-                pc.st.vector<double>("m"), pc.bias(), pc.meta["scaling"].get<double>()};
-  const MatrixXd X = pc.st.matrix<double>("x").transpose(), G = pc.st.matrix<double>("G").transpose();
+  DenseDora ref{pc.st.matrix<double>("W0"),
+                pc.st.matrix<double>("A"),
+                pc.st.matrix<double>("B"),
+                pc.st.vector<double>("m"),
+                pc.bias(),
+                pc.meta["scaling"].get<double>()};
+  const MatrixXd X = pc.st.matrix<double>("x").transpose(),
+                 G = pc.st.matrix<double>("G").transpose();
   const MatrixXd ones = MatrixXd::Ones(X.rows(), X.cols());
   EXPECT_MATRIX_NEAR(ref.forward(X, ones), pc.st.matrix<double>("y").transpose(), 1e-13);
   EXPECT_MATRIX_NEAR(ref.dA(X, G, ones), pc.st.matrix<double>("dA"), 1e-13);
@@ -182,7 +195,8 @@ TEST(DoraPeft, TheFormulasOfTheFixturesReadmeReproducePeft) {
   EXPECT_MATRIX_NEAR(ref.dX(G, ones), pc.st.matrix<double>("dx").transpose(), 1e-13);
 }
 
-// ---- finite differences and the dense reference -----------------------------------------------------
+// ---- finite differences and the dense reference
+// -----------------------------------------------------
 
 struct Rig {
   static constexpr Eigen::Index d = 9, k = 7, r = 3, n = 5;
@@ -347,7 +361,7 @@ void check_cancellation(int e, double tol) {
   ASSERT_TRUE(H.allFinite());
   EXPECT_MATRIX_NEAR(H, ref, tol);
   EXPECT_MATRIX_NEAR(H.row(2), ref.row(2), tol);  // a unit direction
-  layer.merge();  // the merge uses the same norms
+  layer.merge();                                  // the merge uses the same norms
   EXPECT_MATRIX_NEAR(layer.weight(), ref, tol);
   EXPECT_MATRIX_NEAR(layer.weight().row(2), ref.row(2), tol);
 }
@@ -462,8 +476,8 @@ TEST(Dora, RefusesWhatItCannotDo) {
 
 TEST(Dora, AMergedLayerRefusesAChangedMagnitudeAndUnmergeStillGivesW0Back) {
   Rig su;
-  lora::LoRALinear<double> layer(lora::DenseFrozenWeight<double>(su.W0, lora::MergeMode::ExactRestore),
-                                 su.b, su.cfg);
+  lora::LoRALinear<double> layer(
+      lora::DenseFrozenWeight<double>(su.W0, lora::MergeMode::ExactRestore), su.b, su.cfg);
   layer.B() = random(su.d, su.r, 6, 0.4);
   layer.merge();
   layer.magnitude()(0) *= 2;
@@ -491,6 +505,138 @@ TEST(Dora, AFreshAdapterTakesTheRowNormsOfW0AndStartsEqualToTheBase) {
   loaded.set_magnitude(VectorXd::Constant(su.d, 3.0));
   EXPECT_MATRIX_NEAR(layer.add_adapter("y", loaded).magnitude(), VectorXd::Constant(su.d, 3.0),
                      0.0);
+}
+
+// ---- PEFT's whole DoRA adapters: llama (Linear) and GPT-2 (Conv1D, fan_in_fan_out)
+// ----------------
+
+using Layer = lora::LoRALinear<float>;
+
+/// The base layers of `<name>_modules.safetensors` (W0 as out x in: GPT-2's Conv1D weight, stored
+/// in x out, is transposed), with PEFT's per-module input x and output y.
+struct PeftModel {
+  std::map<std::string, std::unique_ptr<Layer>> layers;
+  std::map<std::string, Eigen::MatrixXf> x, y;
+  std::map<std::string, Layer*> targets() {
+    std::map<std::string, Layer*> out;
+    for (auto& [path, layer] : layers) out[path] = layer.get();
+    return out;
+  }
+};
+
+PeftModel load_model(const std::string& name, bool conv1d) {
+  const auto st =
+      lora::io::SafeTensors::load(fixture_path("peft-dora/" + name + "_modules.safetensors"));
+  PeftModel m;
+  const std::string prefix = "base_model/model/";
+  for (const auto& key : st.names()) {
+    if (key.size() < 3 || key.compare(key.size() - 3, 3, "/W0") != 0) continue;
+    const std::string base = key.substr(0, key.size() - 3);
+    std::string path = base.substr(prefix.size());
+    std::replace(path.begin(), path.end(), '/', '.');
+    Eigen::MatrixXf W0 = st.matrix<float>(key);
+    if (conv1d) W0.transposeInPlace();
+    Eigen::VectorXf bias;
+    if (st.contains(base + "/bias")) bias = st.vector<float>(base + "/bias");
+    lora::LoRAConfig cfg;
+    cfg.rank = 1;
+    m.layers[path] = std::make_unique<Layer>(std::move(W0), std::move(bias), cfg);
+    m.x[path] = st.matrix<float>(base + "/x").transpose();
+    m.y[path] = st.matrix<float>(base + "/y").transpose();
+  }
+  return m;
+}
+
+std::string tmp_dir(const std::string& name) {
+  const std::string dir = std::string(LORA_TEST_TMP_DIR) + "/" + name;
+  ::mkdir(dir.c_str(), 0777);
+  return dir;
+}
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
+
+const std::pair<const char*, bool> kAdapters[] = {{"llama_dora", false}, {"gpt2_dora", true}};
+
+TEST(DoraPeftFiles, BothAdaptersReproducePeftsPerModuleOutputs) {
+  for (const auto& [name, conv1d] : kAdapters) {
+    SCOPED_TRACE(name);
+    PeftModel m = load_model(name, conv1d);
+    ASSERT_FALSE(m.layers.empty());
+    const auto cfg =
+        lora::peft::load_adapter(fixture_path(std::string("peft-dora/") + name), m.targets());
+    EXPECT_TRUE(cfg.use_dora);
+    EXPECT_EQ(cfg.fan_in_fan_out, conv1d);
+    for (auto& [path, layer] : m.layers) {
+      SCOPED_TRACE(path);
+      EXPECT_TRUE(layer->config().use_dora);
+      EXPECT_EQ(layer->magnitude().size(), layer->out_features());
+      EXPECT_MATRIX_NEAR(layer->forward(m.x[path]), m.y[path], 2e-5);
+      layer->eval();
+      EXPECT_MATRIX_NEAR(layer->forward(m.x[path]), m.y[path], 2e-5);
+      layer->merge();
+      EXPECT_MATRIX_NEAR(layer->forward(m.x[path]), m.y[path], 2e-5);
+      layer->unmerge();
+    }
+  }
+}
+
+TEST(DoraPeftFiles, SavingALoadedDoraAdapterWritesPeftsBytesAgain) {
+  for (const auto& [name, conv1d] : kAdapters) {
+    SCOPED_TRACE(name);
+    PeftModel m = load_model(name, conv1d);
+    const std::string dir = fixture_path(std::string("peft-dora/") + name);
+    lora::peft::SaveOptions opt;
+    opt.base = lora::peft::load_adapter(dir, m.targets());
+    const std::string out = tmp_dir(std::string("resaved_") + name);
+    lora::peft::save_adapter(out, m.targets(), opt);
+    EXPECT_TRUE(lora::test::read_bytes(out + "/adapter_model.safetensors") ==
+                lora::test::read_bytes(dir + "/adapter_model.safetensors"));
+    EXPECT_EQ(read_json(out + "/adapter_config.json"), read_json(dir + "/adapter_config.json"));
+    // A fresh save (no base config) says use_dora too, and loads back into the same outputs.
+    const std::string fresh = tmp_dir(std::string("fresh_") + name);
+    const auto written = lora::peft::save_adapter(fresh, m.targets());
+    EXPECT_TRUE(written.use_dora);
+    PeftModel again = load_model(name, conv1d);
+    lora::peft::load_adapter(fresh, again.targets());
+    for (auto& [path, layer] : again.layers)
+      EXPECT_MATRIX_NEAR(layer->forward(again.x[path]), m.y[path], 2e-5) << path;
+  }
+}
+
+TEST(DoraPeftFiles, MultiLoRALinearTakesADoraAdapterBesideOthers) {
+  PeftModel m = load_model("llama_dora", false);
+  std::map<std::string, std::unique_ptr<lora::MultiLoRALinear<float>>> multi;
+  std::map<std::string, lora::MultiLoRALinear<float>*> targets;
+  for (auto& [path, layer] : m.layers) {
+    multi[path] =
+        std::make_unique<lora::MultiLoRALinear<float>>(layer->frozen().matrix(), layer->bias());
+    multi[path]->add_adapter("plain", lora::LoRAConfig{});
+    targets[path] = multi[path].get();
+  }
+  lora::peft::load_adapter(fixture_path("peft-dora/llama_dora"), targets, "dora");
+  for (auto& [path, layer] : multi) {
+    layer->set_active("dora");
+    EXPECT_MATRIX_NEAR(layer->forward(m.x[path]), m.y[path], 2e-5) << path;
+  }
+}
+
+TEST(DoraPeftFiles, AMagnitudeWithoutUseDoraIsAFormatError) {
+  const std::string dir = tmp_dir("dora_flag_off");
+  const std::string src = fixture_path("peft-dora/llama_dora");
+  const auto bytes = lora::test::read_bytes(src + "/adapter_model.safetensors");
+  lora::io::write_file_atomically(dir + "/adapter_model.safetensors", bytes.data(), bytes.size());
+  nlohmann::json j = read_json(src + "/adapter_config.json");
+  j["use_dora"] = false;
+  lora::io::write_file_atomically(dir + "/adapter_config.json", j.dump(2));
+  try {
+    lora::peft::read_adapter<float>(dir);
+    ADD_FAILURE() << "expected a FormatError";
+  } catch (const lora::io::FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find("use_dora"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace
