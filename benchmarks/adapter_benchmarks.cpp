@@ -2,7 +2,7 @@
 // columns, d = k = 4096, r = 8) against a single-adapter forward of the same batch, all float.
 //
 //   lora_adapter_benchmarks [--benchmark_filter=...]
-#include <lora/lora.hpp>
+#include <lora/core.hpp>
 
 #include <benchmark/benchmark.h>
 

@@ -14,7 +14,7 @@
 #include "alloc_counter.hpp"
 
 #include <lora/bf16_frozen_weight.hpp>
-#include <lora/lora.hpp>
+#include <lora/core.hpp>
 #include <lora/nf4_frozen_weight.hpp>
 #if defined(LORA_WITH_ONEDNN)
 #include <lora/onednn/onednn_frozen_weight.hpp>

@@ -17,7 +17,7 @@
 #include "attention/sequence_tasks.hpp"
 #include "attention/train.hpp"
 
-#include <lora/lora.hpp>
+#include <lora/core.hpp>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>

@@ -16,7 +16,7 @@
 #include "digits/dataset.hpp"
 #include "digits/mlp.hpp"
 
-#include <lora/lora.hpp>
+#include <lora/core.hpp>
 #include <lora/mpi.hpp>
 #include <lora/optim.hpp>
 

@@ -8,7 +8,8 @@
 //   3. a table: rank, trainable parameters, downstream accuracy, upstream accuracy with the
 //      adapter disabled (it must be the pre-adaptation figure exactly), training time;
 //   4. merge the best adapter, check merged and unmerged predictions agree, time inference;
-//   5. demo_summary.json (and demo_curves.dat) in the working folder.
+//   5. demo_summary.json (and demo_curves.dat) in --out DIR (default: the working folder;
+//      scripts/demo passes build/demo).
 //
 // Usage: digits_finetune [--quick] [--data PATH] [--out DIR]
 //   --quick  fewer epochs and ranks: the small-scale check that ctest runs.
@@ -16,7 +17,8 @@
 #include "digits/dataset.hpp"
 #include "digits/mlp.hpp"
 
-#include <lora/lora.hpp>
+#include <lora/bf16_frozen_weight.hpp>
+#include <lora/core.hpp>
 #include <lora/nf4_frozen_weight.hpp>
 #include <lora/optim.hpp>
 

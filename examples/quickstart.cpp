@@ -3,7 +3,7 @@
 //
 //   target:  Y = (W0 + dW) X,  dW = P Q  (rank 4, unknown to the learner)
 //   model:   H = W0 X + s B (A X)        (only A and B train: r (d + k) numbers, not d k)
-#include <lora/lora.hpp>
+#include <lora/core.hpp>
 
 #include <chrono>
 #include <cstdio>

@@ -52,10 +52,26 @@ lora_ensure_dependencies() {
   fi
 }
 
-# lora_build BUILD_DIR [extra cmake args...]
+# Every option of the full build, set explicitly: scripts/demo and scripts/test share build/, and a
+# CMake cache keeps whatever an earlier configure set, so neither may rely on a default.
+LORA_FULL_OPTIONS=(-DCMAKE_BUILD_TYPE=Release -DLORA_WERROR=ON -DLORA_NATIVE=ON
+  -DLORA_BUILD_TESTS=ON -DLORA_BUILD_EXAMPLES=ON -DLORA_BUILD_BENCHMARKS=ON
+  -DLORA_BUILD_FUZZERS=OFF -DLORA_INSTALL=ON -DLORA_UNITY_TESTS=ON
+  -DLORA_WITH_ONEDNN=ON -DLORA_WITH_MPI=ON)
+
+# lora_configure BUILD_DIR: configure the full build (every option above).
+lora_configure() {
+  cmake -S "$LORA_ROOT" -B "$1" -G Ninja "${LORA_FULL_OPTIONS[@]}" >/dev/null
+}
+
+# lora_build BUILD_DIR [TARGET...]: configure the full build, then build TARGETs (default: all).
 lora_build() {
   local dir=$1
   shift
-  cmake -S "$LORA_ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLORA_WERROR=ON "$@" >/dev/null
-  cmake --build "$dir" -j "$(nproc)"
+  lora_configure "$dir"
+  if [ $# -gt 0 ]; then
+    cmake --build "$dir" -j "$(nproc)" --target "$@"
+  else
+    cmake --build "$dir" -j "$(nproc)"
+  fi
 }

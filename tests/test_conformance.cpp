@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -50,6 +51,7 @@ struct Dense {
   static constexpr double kProductTol = std::is_same_v<T, float> ? 2e-5 : 1e-12;
   static constexpr double kUnit = std::numeric_limits<T>::epsilon() / 2;
   static constexpr bool kExactProducts = true;
+  static constexpr double kRepresentationTol = 0;
   static constexpr double kHuge = std::numeric_limits<T>::max() * 0.9;
 };
 
@@ -65,7 +67,31 @@ struct Bf16 {
   static constexpr double kProductTol = 1.5e-2;
   static constexpr double kUnit = 1.0 / 256;
   static constexpr bool kExactProducts = false;
+  static constexpr double kRepresentationTol = 1.0 / 256;  // W0 rounded to bf16
   static constexpr double kHuge = 3.0e38;
+};
+
+template <lora::Nf4Backend Backend>
+struct Nf4 {
+  using Frozen = lora::Nf4FrozenWeight;
+  static Frozen make(const MatrixXd& W0) {
+    lora::Nf4Options options;  // double quantization, as QLoRA
+    options.backend = Backend;
+    return Frozen(W0.cast<float>(), lora::MergeMode::ExactRestore, options);
+  }
+  static bool available() {
+    return Backend != lora::Nf4Backend::OneDnn || lora::Nf4FrozenWeight::onednn_available();
+  }
+  static constexpr lora::MergeMode kMode =
+      lora::MergeMode::ExactRestore;  // the only mode it offers
+  // Portable: fp32 products on the dequantized weight; oneDNN: bf16 operands.
+  static constexpr bool kExactProducts = Backend == lora::Nf4Backend::Portable;
+  static constexpr double kProductTol = kExactProducts ? 2e-5 : 1.5e-2;
+  static constexpr double kUnit = std::numeric_limits<float>::epsilon() / 2;  // merges in fp32
+  // Against the original W0 (PEFT's numbers): at most half the widest gap between NF4 codes
+  // (0.152) times the block's absmax per weight.
+  static constexpr double kRepresentationTol = 0.2;
+  static constexpr double kHuge = 2.5e38;
 };
 
 #if defined(LORA_WITH_ONEDNN)
@@ -78,6 +104,7 @@ struct OneDnnF32 {
   static constexpr double kProductTol = 2e-5;
   static constexpr double kUnit = std::numeric_limits<float>::epsilon() / 2;
   static constexpr bool kExactProducts = true;
+  static constexpr double kRepresentationTol = 0;
   static constexpr double kHuge = std::numeric_limits<float>::max() * 0.9;
 };
 #endif
@@ -135,9 +162,11 @@ using Storages = ::testing::Types<
     Single<Bf16<MergeMode::ExactRestore, Bf16Backend::Portable>>,
     Multi<Bf16<MergeMode::ExactRestore, Bf16Backend::Portable>>,
     Single<Bf16<MergeMode::InPlace, Bf16Backend::Portable>>,
-    Multi<Bf16<MergeMode::InPlace, Bf16Backend::Portable>>
+    Multi<Bf16<MergeMode::InPlace, Bf16Backend::Portable>>, Single<Nf4<lora::Nf4Backend::Portable>>,
+    Multi<Nf4<lora::Nf4Backend::Portable>>
 #if defined(LORA_WITH_ONEDNN)
     ,
+    Single<Nf4<lora::Nf4Backend::OneDnn>>, Multi<Nf4<lora::Nf4Backend::OneDnn>>,
     Single<Bf16<MergeMode::ExactRestore, Bf16Backend::OneDnn>>,
     Multi<Bf16<MergeMode::ExactRestore, Bf16Backend::OneDnn>>,
     Single<OneDnnF32<MergeMode::InPlace>>, Multi<OneDnnF32<MergeMode::InPlace>>,
@@ -154,6 +183,7 @@ struct Names {
     if constexpr (std::is_same_v<Frozen, lora::DenseFrozenWeight<float>>) storage = "DenseFloat";
     if constexpr (std::is_same_v<Frozen, lora::DenseFrozenWeight<double>>) storage = "DenseDouble";
     if constexpr (std::is_same_v<Frozen, lora::Bf16FrozenWeight>) storage = "Bf16";
+    if constexpr (std::is_same_v<Frozen, lora::Nf4FrozenWeight>) storage = "Nf4";
 #if defined(LORA_WITH_ONEDNN)
     if constexpr (std::is_same_v<Frozen, lora::onednn::OneDnnFrozenWeight>) storage = "OneDnnF32";
 #endif
@@ -545,7 +575,7 @@ TYPED_TEST(Conformance, MatchesPeftOnItsOwnNumbers) {
     // The adapter's gradients never touch W0: every storage matches PEFT to T's precision. What
     // passes through W0 carries the storage's own error (bf16: about 2^-8) on top.
     const double exact = std::is_same_v<T, float> || name[1] == '3' ? 1e-5 : 1e-12;
-    const double through_w0 = std::max(exact, C::kProductTol);
+    const double through_w0 = std::max({exact, C::kProductTol, C::kRepresentationTol});
     const Mat X = st.matrix<T>("x").transpose(), G = st.matrix<T>("G").transpose();
     EXPECT_MATRIX_NEAR(layer.forward(X), st.matrix<double>("y").transpose(), through_w0);
     const Mat dX = layer.backward(X, G);
@@ -554,7 +584,7 @@ TYPED_TEST(Conformance, MatchesPeftOnItsOwnNumbers) {
     EXPECT_MATRIX_NEAR(Case::adapter(layer).grad_B(), st.matrix<double>("dB"), exact);
     layer.merge();
     EXPECT_MATRIX_NEAR(layer.weight(), st.matrix<double>("W_merged"),
-                       std::max(exact, 2 * C::kUnit));
+                       std::max({exact, 2 * C::kUnit, C::kRepresentationTol}));
     EXPECT_MATRIX_NEAR(layer.forward(X), st.matrix<double>("y_merged").transpose(), through_w0);
   }
 }

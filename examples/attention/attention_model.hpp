@@ -17,7 +17,7 @@
 //   dQ = K dS / sqrt(dh),   dK = Q dS^T / sqrt(dh).
 #pragma once
 
-#include <lora/lora.hpp>
+#include <lora/core.hpp>
 
 #include <Eigen/Core>
 

@@ -3,7 +3,7 @@
 // (any frozen storage). ReLU between layers, softmax cross-entropy on the logits.
 #pragma once
 
-#include <lora/lora.hpp>
+#include <lora/core.hpp>
 #include <lora/optim.hpp>
 
 #include <Eigen/Core>

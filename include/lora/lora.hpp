@@ -1,22 +1,10 @@
-// lora: Low-Rank Adaptation (arXiv 2106.09685) for frozen Eigen models. The umbrella header.
+// lora: Low-Rank Adaptation (arXiv 2106.09685) for frozen Eigen models. The umbrella header:
+// everything but MPI (lora/mpi.hpp) and the oneDNN storage (lora/onednn/onednn_frozen_weight.hpp).
+// Link lora::peft. A file that needs only the layers and optimizers includes lora/core.hpp
+// (lora::lora, Eigen alone), which parses several times faster.
 #pragma once
 
-#include "lora/adapter.hpp"
-#include "lora/adapter_layer.hpp"
 #include "lora/bf16_frozen_weight.hpp"
-#include "lora/config.hpp"
-#include "lora/dense_frozen_weight.hpp"
-#include "lora/frozen_storage.hpp"
-#include "lora/lora_linear.hpp"
+#include "lora/core.hpp"
 #include "lora/nf4_frozen_weight.hpp"
-#include "lora/optim.hpp"
-#include "lora/parameter.hpp"
-#include "lora/random.hpp"
-#include "lora/version.hpp"
-#include "lora/workspace.hpp"
-// Many adapters on one base, adapter files (safetensors writing, PEFT adapter directories).
-#include "lora/io/safetensors_writer.hpp"
-#include "lora/multi_lora_linear.hpp"
-#include "lora/peft/adapter_config.hpp"
-#include "lora/peft/adapter_io.hpp"
-#include "lora/weighted_adapter.hpp"
+#include "lora/peft.hpp"

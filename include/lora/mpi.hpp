@@ -99,12 +99,15 @@ class DataParallel {
     if (!finalized && comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
   }
 
+  /// This process's rank in the communicator.
   int rank() const { return rank_; }
+  /// The number of ranks.
   int size() const { return size_; }
 
   /// Numbers exchanged per step (the total size of all parameters), and their bytes: what each
   /// rank contributes to the allreduce. A ring allreduce moves about 2·(p−1)/p of it per rank.
   std::int64_t parameter_count() const { return count_; }
+  /// parameter_count() in bytes.
   std::int64_t bytes_per_step() const { return count_ * static_cast<std::int64_t>(sizeof(T)); }
 
   /// grad ← (Σ over ranks of grad) / size, for every parameter: one MPI_Allreduce.

@@ -83,14 +83,6 @@ class Nf4FrozenWeight {
   using Matrix = Eigen::MatrixXf;
   using Vector = Eigen::VectorXf;
   using Index = Eigen::Index;
-  /// lora allocates nothing in a steady-state product; oneDNN's matmul execution makes a few small
-  /// allocations of its own per call (per panel here), so a build with oneDNN says false.
-#if defined(LORA_WITH_ONEDNN)
-  static constexpr bool kAllocationFree = false;
-#else
-  static constexpr bool kAllocationFree = true;
-#endif
-
   /// Quantizes W0 (out x in, fp32). Throws std::invalid_argument for an empty W0, for
   /// MergeMode::InPlace (see the top of this file) or for Nf4Backend::OneDnn without oneDNN, and
   /// std::domain_error for a NaN or infinite element of W0.
@@ -185,6 +177,12 @@ class Nf4FrozenWeight {
     return codes_.size() + (double_quant_ ? scales_.bytes() : absmax_.size() * sizeof(float));
   }
   /// Bytes held for the weight: the packed W0 and, while merged, the fp32 merged weight.
+  /// The portable kernel allocates nothing in a steady-state product; oneDNN's matmul execution
+  /// makes a few small allocations of its own per call (per panel here).
+  bool allocation_free() const {
+    return backend_ == Nf4Backend::Portable && detail::kGemmAllocationFree;
+  }
+
   std::size_t stored_bytes() const {
     return packed_bytes() + static_cast<std::size_t>(merged_.size()) * sizeof(float);
   }

@@ -14,6 +14,7 @@ namespace lora {
 /// xoshiro256** 1.0 (Blackman & Vigna), seeded by SplitMix64 as its authors recommend.
 class Rng {
  public:
+  /// A generator whose sequence depends only on `seed`.
   explicit Rng(std::uint64_t seed = 0) {
     std::uint64_t x = seed;
     for (auto& word : state_) word = splitmix64(x);

@@ -30,10 +30,11 @@ enum class DType {
   F8_E5M2
 };
 
+/// A safetensors dtype with its name in the file header and its size.
 struct DTypeInfo {
-  DType dtype;
-  const char* name;
-  std::size_t size;
+  DType dtype;       ///< the dtype
+  const char* name;  ///< its name in a safetensors header ("F32", "BF16", ...)
+  std::size_t size;  ///< bytes per element
 };
 
 inline constexpr DTypeInfo kDTypes[] = {

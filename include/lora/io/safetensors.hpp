@@ -40,9 +40,10 @@ inline std::string shape_to_string(const std::vector<std::int64_t>& shape) {
 
 /// One tensor's entry in the header. begin/end index the data section (after the header).
 struct TensorInfo {
-  DType dtype = DType::F32;
-  std::vector<std::int64_t> shape;
-  std::size_t begin = 0, end = 0;
+  DType dtype = DType::F32;         ///< element type
+  std::vector<std::int64_t> shape;  ///< dimensions, outermost first (row-major, as in the file)
+  std::size_t begin = 0;            ///< first byte of the data, from the data section's start
+  std::size_t end = 0;              ///< one past the last byte
 
   /// The element count. A shape with a zero dimension has none, however large the others are
   /// (e.g. [2^62, 3, 0]); otherwise a count that does not fit in int64 throws FormatError.
@@ -92,9 +93,12 @@ class SafeTensors {
     return out;
   }
 
+  /// Whether the file holds a tensor named `name`.
   bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
+  /// The number of tensors.
   std::size_t size() const { return tensors_.size(); }
 
+  /// The header entry of tensor `name`; throws FormatError when there is none.
   const TensorInfo& info(const std::string& name) const {
     auto it = tensors_.find(name);
     if (it == tensors_.end())

@@ -129,7 +129,9 @@ class SafeTensorsWriter {
   /// A "__metadata__" string (PEFT writes {"format": "pt"}).
   void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
 
+  /// Whether a tensor named `name` was added.
   bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
+  /// The number of tensors added.
   std::size_t size() const { return tensors_.size(); }
 
   /// The whole file as bytes.

@@ -106,11 +106,18 @@ inline bool bf16_matmul_supported() {
 /// One product's shape and layout: dst (M x N, row stride dst_ld) (+)= src (M x K, row stride
 /// src_ld) * wei (K x N, strides wei_s0 along K and wei_s1 along N).
 struct MatmulShape {
-  Index M = 0, K = 0, N = 0;
-  Index src_ld = 0, dst_ld = 0, wei_s0 = 0, wei_s1 = 0;
-  dt src_type = dt::f32, wei_type = dt::f32;
+  Index M = 0;              ///< rows of src and dst
+  Index K = 0;              ///< the depth: columns of src, rows of wei
+  Index N = 0;              ///< columns of wei and dst
+  Index src_ld = 0;         ///< row stride of src
+  Index dst_ld = 0;         ///< row stride of dst
+  Index wei_s0 = 0;         ///< stride of wei along K
+  Index wei_s1 = 0;         ///< stride of wei along N
+  dt src_type = dt::f32;    ///< element type of src (dst is always f32)
+  dt wei_type = dt::f32;    ///< element type of wei
   bool accumulate = false;  ///< dst += product (oneDNN's sum post-op) instead of dst = product
 
+  /// Same shape, layout and types: the same primitive serves both.
   bool operator==(const MatmulShape& o) const {
     return M == o.M && K == o.K && N == o.N && src_ld == o.src_ld && dst_ld == o.dst_ld &&
            wei_s0 == o.wei_s0 && wei_s1 == o.wei_s1 && src_type == o.src_type &&

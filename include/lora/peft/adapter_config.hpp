@@ -34,7 +34,7 @@ struct AdapterConfig {
   /// Per-module rank and alpha overrides, in the file's order: the first key that matches a
   /// module wins (PEFT's get_pattern_key).
   std::vector<std::pair<std::string, int>> rank_pattern;
-  std::vector<std::pair<std::string, double>> alpha_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;  ///< as rank_pattern, for alpha
   bool fan_in_fan_out = false;  ///< the base layer stores W0 as in x out (GPT-2's Conv1D)
   std::string bias = "none";    ///< which base biases PEFT trains: only "none" is supported
   bool lora_bias = false;       ///< each lora_B carries a bias (`lora_B.bias`, length out)
@@ -171,8 +171,8 @@ struct AdapterConfig {
 
   // ---- PEFT's per-module rules -----------------------------------------------------------------
 
-  /// PEFT's get_pattern_key: the first key k (in file order) with `(.*\.)?(k)` matching the whole
-  /// module path, or nothing. Keys are regular expressions, as in PEFT.
+  /// PEFT's get_pattern_key: the first key k (in file order) with the regex (.*[.])?(k) matching
+  /// the whole module path, or nothing. Keys are regular expressions, as in PEFT.
   template <typename V>
   static std::optional<std::string> pattern_key(const std::vector<std::pair<std::string, V>>& p,
                                                 const std::string& module) {

@@ -57,8 +57,8 @@ inline std::string key_of(const std::string& module, const char* tensor) {
 /// An adapter read from a directory: its config and one LoRAAdapter per module path.
 template <typename T>
 struct AdapterFile {
-  AdapterConfig config;
-  std::map<std::string, LoRAAdapter<T>> modules;
+  AdapterConfig config;                           ///< adapter_config.json
+  std::map<std::string, LoRAAdapter<T>> modules;  ///< module path -> its adapter
 };
 
 namespace detail {
