@@ -364,7 +364,7 @@ class AdapterLayer {
           Ya += base;
           for (Index j = 0, c = 0; j < X.cols(); ++j)
             if (adapters[static_cast<std::size_t>(j)] == a) {
-              dora_finish_column(Ya.col(c), sc, training_ ? j : -1, &base, c);
+              dora_finish_column(Ya.col(c), sc, training_ ? j : -1, base.col(c));
               ++c;
             }
         }
@@ -385,7 +385,7 @@ class AdapterLayer {
       const int a = adapters[static_cast<std::size_t>(j)];
       if (a == kNoAdapter || !entry(a).adapter.uses_dora()) continue;
       if (dropout && entry(a).adapter.config().dropout > 0) continue;  // done above
-      dora_finish_column(H.col(j), scales.middleCols(2 * a, 2), training_ ? j : -1, nullptr, 0);
+      dora_finish_column(H.col(j), scales.middleCols(2 * a, 2), training_ ? j : -1);
     }
   }
 
@@ -859,12 +859,19 @@ class AdapterLayer {
   /// When it cancels (below 1/16 of |first| + |second| + |third|: the update removes most of the
   /// row) the row is recomputed exactly from the row as stored (dora_exact_norms).
   void dora_scales(const Adapter& a, WorkspaceType& ws, Eigen::Ref<Matrix> sc) const {
-    const Index d = out_features(), k = in_features(), r = a.rank();
-    const double s = static_cast<double>(a.scaling());
-    auto At = ws.get(Slot::DoraFactorT, k, r);
+    auto At = ws.get(Slot::DoraFactorT, in_features(), a.rank());
     At = a.A().transpose();
-    auto P = ws.get(Slot::DoraProjected, d, r);
+    auto P = ws.get(Slot::DoraProjected, out_features(), a.rank());
     frozen_.multiply(At, P);  // W0 A^T: (d x k)(k x r)
+    dora_scales_from(a, P, ws, sc);
+  }
+
+  /// As dora_scales, with P = W0 A^T (d x r) already computed (dora_forward gets it from the
+  /// forward's own product).
+  void dora_scales_from(const Adapter& a, const Eigen::Ref<const Matrix>& P, WorkspaceType& ws,
+                        Eigen::Ref<Matrix> sc) const {
+    const Index d = out_features(), r = a.rank();
+    const double s = static_cast<double>(a.scaling());
     auto gram = ws.get(Slot::DoraGram, r, r);
     gram.setZero();
     detail::gemm_add(gram, a.A(), a.A().transpose(), T(1));  // A A^T: (r x k)(k x r)
@@ -928,50 +935,62 @@ class AdapterLayer {
   }
 
   /// DoRA's forward with the active adapter a. With Z = W0 X + s B (A X) and c, 1/||W|| from
-  /// dora_scales:  H = c .* Z + b. Under LoRA dropout PEFT feeds the dropped input Xd = M .* X to
-  /// the scaled base term as well:
+  /// dora_scales:  H = c .* Z + b. The norms need W0 A^T (d x r): A^T rides along as r more columns
+  /// of the forward's own product, W0 [X, A^T], since a product of its own would pack all of W0
+  /// again for r columns. Under LoRA dropout PEFT feeds the dropped input Xd = M .* X to the scaled
+  /// base term as well:
   ///   H = W0 X + b + (c - 1) .* (W0 Xd) + c .* (s B A Xd) = c .* Zd + b - W0 Xd + W0 X,
   /// a second dense product, as in PEFT. In training mode the tape keeps Z / ||W|| and c.
   void dora_forward(const Adapter& a, const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
                     WorkspaceType& ws) const {
-    const Index d = out_features(), n = X.cols();
+    const Index d = out_features(), k = in_features(), n = X.cols(), r = a.rank();
     auto sc = ws.get(Slot::DoraScales, d, 2);
-    dora_scales(a, ws, sc);
-    if (training_) {
-      tape_begin(X);
-      tape_record(active_, a, sc);
-    }
-    if (dropout_active()) {
+    const bool dropout = dropout_active();
+    // The product's input [X or Xd, A^T] (k x (n + r)): in training mode the tape's copy of X.
+    Eigen::Map<Matrix> Xe = training_ ? tape_begin(X, r) : ws.get(Slot::DoraInput, k, n + r);
+    if (!training_) Xe.leftCols(n) = X;
+    Xe.rightCols(r) = a.A().transpose();
+    auto He = ws.get(Slot::DoraOutput, d, n + r);  // [Z, W0 A^T]
+    if (dropout) {
       draw_dropout_mask(n, [p = a.config().dropout](Index) { return p; });
-      auto Xd = ws.get(Slot::MaskedInput, in_features(), n);
-      Xd = X.cwiseProduct(dropout_mask());
-      auto base = ws.get(Slot::DoraBase, d, n);
-      frozen_.multiply(Xd, base);                                             // W0 Xd
-      a.assign_forward(Xd, H, ws.get(Slot::LowRank, a.rank(), n), Vector());  // s B A Xd
-      H += base;                                                              // Zd
-      for (Index j = 0; j < n; ++j) dora_finish_column(H.col(j), sc, j, &base, j);
+      auto Xd = ws.get(Slot::MaskedInput, k, n + r);
+      Xd.leftCols(n) = X.cwiseProduct(dropout_mask());
+      Xd.rightCols(r) = Xe.rightCols(r);
+      frozen_.multiply(Xd, He);  // [W0 Xd, W0 A^T]: (d x k)(k x (n + r))
+      dora_scales_from(a, He.rightCols(r), ws, sc);
+      if (training_) tape_record(active_, a, sc);
+      // H = s B A Xd + W0 Xd = Zd, then c .* Zd + b - W0 Xd, then + W0 X.
+      a.assign_forward(Xd.leftCols(n), H, ws.get(Slot::LowRank, r, n), Vector());
+      H += He.leftCols(n);
+      for (Index j = 0; j < n; ++j) dora_finish_column(H.col(j), sc, j, He.col(j));
       frozen_.multiply_add(X, H);  // + W0 X: (d x k)(k x n)
     } else {
-      a.assign_forward(X, H, ws.get(Slot::LowRank, a.rank(), n), Vector());  // s B A X
-      frozen_.multiply_add(X, H);  // Z = W0 X + s B A X: (d x k)(k x n), the cost of the layer
-      for (Index j = 0; j < n; ++j)
-        dora_finish_column(H.col(j), sc, training_ ? j : -1, nullptr, 0);
+      a.assign_forward(X, He.leftCols(n), ws.get(Slot::LowRank, r, n), Vector());  // s B A X
+      He.rightCols(r).setZero();
+      frozen_.multiply_add(Xe, He);  // [Z, W0 A^T]: (d x k)(k x (n + r)), the cost of the layer
+      dora_scales_from(a, He.rightCols(r), ws, sc);
+      if (training_) tape_record(active_, a, sc);
+      for (Index j = 0; j < n; ++j) {
+        H.col(j) = He.col(j);
+        dora_finish_column(H.col(j), sc, training_ ? j : -1);
+      }
     }
   }
 
-  /// One column z of a DoRA output (Z, or Zd under dropout) becomes c .* z + b (minus W0 xd under
-  /// dropout, whose W0 x the frozen product adds after); with tape_col >= 0 the tape keeps
-  /// z / ||W|| for dm. One pass over the column while it is in cache.
+  /// One column z of a DoRA output (Z, or Zd under dropout) becomes c .* z + b (minus W0 xd, the
+  /// `base` column, under dropout: the frozen product adds W0 x after); with tape_col >= 0 the tape
+  /// keeps z / ||W|| for dm. One pass over the column while it is in cache.
   template <typename Col>
-  void dora_finish_column(Col z, const Eigen::Ref<const Matrix>& sc, Index tape_col,
-                          const Eigen::Map<Matrix>* base, Index base_col) const {
+  void dora_finish_column(Col z, const Eigen::Ref<const Matrix>& sc, Index tape_col) const {
     if (tape_col >= 0) tape_direction().col(tape_col) = z.cwiseProduct(sc.col(1));
-    if (base != nullptr) {
-      z = sc.col(0).cwiseProduct(z) - base->col(base_col);
-    } else {
-      z = sc.col(0).cwiseProduct(z);
-    }
+    z = sc.col(0).cwiseProduct(z);
     if (has_bias()) z += bias_;
+  }
+  template <typename Col, typename Base>
+  void dora_finish_column(Col z, const Eigen::Ref<const Matrix>& sc, Index tape_col,
+                          const Base& base) const {
+    dora_finish_column(z, sc, tape_col);
+    z -= base;
   }
 
   /// DoRA's backward over one group of columns (the whole batch, or one adapter's columns of a
@@ -1029,14 +1048,18 @@ class AdapterLayer {
 
   void forget_tape() { tape_n_ = -1; }
 
-  void tape_begin(const Eigen::Ref<const Matrix>& X) const {
+  /// Starts the tape of a forward over X and returns its copy of X, k x (n + extra): the extra
+  /// columns are the caller's (dora_forward puts A^T there for its product).
+  Eigen::Map<Matrix> tape_begin(const Eigen::Ref<const Matrix>& X, Index extra = 0) const {
     const Index k = in_features(), n = X.cols();
-    if (tape_x_.size() < k * n) tape_x_.resize(k * n);
+    if (tape_x_.size() < k * (n + extra)) tape_x_.resize(k * (n + extra));
     if (tape_zn_.size() < out_features() * n) tape_zn_.resize(out_features() * n);
-    Eigen::Map<Matrix>(tape_x_.data(), k, n) = X;
+    Eigen::Map<Matrix> Xe(tape_x_.data(), k, n + extra);
+    Xe.leftCols(n) = X;
     if (tape_.size() < entries_.size()) tape_.resize(entries_.size());
     for (auto& t : tape_) t.valid = false;
     tape_n_ = n;
+    return Xe;
   }
 
   void tape_record(int index, const Adapter& a, const Eigen::Ref<const Matrix>& sc) const {

@@ -29,6 +29,8 @@ enum class Slot : int {
   DoraDirection,   ///< d x n: (W0 X + s B A X) / ||W||, recomputed or gathered for dm
   DoraBase,        ///< d x n: W0 (M .* X), the base term DoRA scales under LoRA dropout
   DoraOutputGrad,  ///< d x n: G of a mixed batch with DoRA columns as c .* G, for W^T G
+  DoraInput,       ///< k x (n + r): [X, A^T], the forward's product input in evaluation mode
+  DoraOutput,      ///< d x (n + r): [W0 X + s B A X, W0 A^T], that product's output
   Count            ///< the number of slots (not a slot)
 };
 
