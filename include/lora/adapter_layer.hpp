@@ -40,8 +40,8 @@ namespace lora {
 /// The convenience calls return new matrices; the out-parameter overloads write into caller-owned
 /// storage and take a Workspace, and allocate nothing once the workspace has grown to the batch
 /// (with a storage whose allocation_free() is true). const members are safe to call from many
-/// threads at once, except a training-mode forward with LoRA dropout (see train()); anything
-/// that changes the layer needs exclusive access.
+/// threads at once, except a training-mode forward with LoRA dropout or a DoRA adapter (see
+/// train()); anything that changes the layer needs exclusive access.
 ///
 /// Merge guarantee: merge() keeps a copy of the factors it folded in (r (d + k) numbers), and
 /// unmerge() removes exactly those, whatever happened to the adapter in between (an optimizer step,

@@ -25,8 +25,8 @@ namespace lora {
 /// The convenience calls (`forward(X)`, `backward(X, G)`) return new matrices; the out-parameter
 /// overloads write into caller-owned storage and take a Workspace, and allocate nothing once the
 /// workspace has grown to the batch size. const members are safe to call from many threads at
-/// once (a training-mode forward with dropout excepted: see train()); anything that changes the
-/// layer needs exclusive access.
+/// once (a training-mode forward with dropout or DoRA excepted: see train()); anything that
+/// changes the layer needs exclusive access.
 ///
 /// `Frozen` is the storage of W0 (DenseFrozenWeight<T> by default; Bf16FrozenWeight,
 /// onednn::OneDnnFrozenWeight, ...): see frozen_storage.hpp for what a storage provides. Its merge

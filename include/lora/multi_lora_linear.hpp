@@ -25,7 +25,7 @@ namespace lora {
 /// back bit for bit.
 ///
 /// const members may be called from many threads at once (a training-mode forward with dropout
-/// excepted); everything else needs exclusive access.
+/// or a DoRA adapter excepted); everything else needs exclusive access.
 template <typename T, typename Frozen = DenseFrozenWeight<T>>
 class MultiLoRALinear : protected AdapterLayer<T, Frozen> {
   using Core = AdapterLayer<T, Frozen>;
