@@ -209,6 +209,14 @@ bool bit_equal(const M& a, const M& b) {
          std::memcmp(a.data(), b.data(), sizeof(typename M::Scalar) * a.size()) == 0;
 }
 
+/// The L2 norm of each row, with a scalar square root (GCC 12 at -O3 with AVX-512 warns, wrongly,
+/// inside Eigen's vectorised double sqrt, and the build treats warnings as errors).
+VectorXd row_norms(const MatrixXd& W) {
+  VectorXd out(W.rows());
+  for (Eigen::Index i = 0; i < W.rows(); ++i) out(i) = std::sqrt(W.row(i).squaredNorm());
+  return out;
+}
+
 /// The dense DoRA reference in double on the weight as stored (Wq), forming W = Wq + s B A:
 /// H = c .* (W X) + b with c = m / ||W||_row; gradients with the norm held constant.
 struct DoraReference {
@@ -216,7 +224,7 @@ struct DoraReference {
   VectorXd m, b;
   double s;
   MatrixXd W() const { return Wq + s * B * A; }
-  VectorXd c() const { return m.cwiseQuotient(W().rowwise().norm()); }
+  VectorXd c() const { return m.cwiseQuotient(row_norms(W())); }
   MatrixXd forward(const MatrixXd& X) const {
     MatrixXd H = c().asDiagonal() * (W() * X);
     if (b.size()) H.colwise() += b;

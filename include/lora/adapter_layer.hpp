@@ -847,7 +847,11 @@ class AdapterLayer {
       frozen_.row_norms(norms);
       w0_sq_norms_ = norms.array().square();
     }
-    if (a.magnitude_pending()) a.set_magnitude(w0_sq_norms_.cwiseSqrt().template cast<T>());
+    if (a.magnitude_pending()) {
+      Vector m(out_features());
+      for (Index i = 0; i < m.size(); ++i) m(i) = static_cast<T>(std::sqrt(w0_sq_norms_(i)));
+      a.set_magnitude(m);
+    }
   }
 
   /// DoRA's row scales of adapter a into sc (d x 2): sc.col(0) = c = m / ||W0 + s B A||_row and
