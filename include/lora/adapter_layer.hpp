@@ -4,8 +4,9 @@
 //   H = W0 X + b + s B (A X)                      (the paper's Eq. 3, a column per sample)
 // or, for a DoRA adapter (config().use_dora, arXiv 2402.09353; docs/dora.md),
 //   H = (m / ||W0 + s B A||_row) .* (W0 X + s B (A X)) + b
-// LoRALinear (one adapter) and MultiLoRALinear (many, mixed batches) are faces of this class: each
-// exposes the part of it that suits its use, and every feature (dropout, train/eval, the
+// LoRALinear (one adapter) and MultiLoRALinear (many, mixed batches) are faces of this class: both
+// derive from it, the public members here are theirs, and MultiLoRALinear also makes public the
+// multi-adapter members (the "protected:" blocks). Every feature (dropout, train/eval, the
 // out-parameter API, merge modes, finite checks, parameter views, every frozen storage) is
 // written here once. docs/design.md describes the data flow.
 #pragma once
@@ -67,6 +68,11 @@ class AdapterLayer {
   using WorkspaceType = Workspace<T>;
   using FrozenStorage = Frozen;
 
+ protected:
+  // The multi-adapter part of the API (this block and the two below, marked "protected:"):
+  // MultiLoRALinear re-exports it with `using`; LoRALinear, a layer of one adapter, keeps it
+  // hidden. Everything public here is public in both faces, written once.
+
   /// Marks a column of a mixed batch that gets no adapter (the base output only).
   static constexpr int kNoAdapter = -1;
 
@@ -79,6 +85,7 @@ class AdapterLayer {
                     bias_.size());
   }
 
+ public:
   AdapterLayer(const AdapterLayer& o)
       : frozen_(o.frozen_),
         bias_(o.bias_),
@@ -113,6 +120,7 @@ class AdapterLayer {
   /// Frozen parameters: d * k, plus d with a bias.
   Index frozen_parameter_count() const { return out_features() * in_features() + bias_.size(); }
 
+ protected:
   // ---- adapters --------------------------------------------------------------------------------
 
   /// Adds a fresh adapter (A drawn as cfg says, B = 0; with cfg.use_dora, m = the row norms of W0,
@@ -193,6 +201,7 @@ class AdapterLayer {
     return adapter(name).parameters(name + ".");
   }
 
+ public:
   /// Trainable parameters of every adapter: the sum of r * (d + k) (+ d with a lora bias, + d for
   /// DoRA's magnitude).
   Index trainable_parameter_count() const {
@@ -201,6 +210,7 @@ class AdapterLayer {
     return n;
   }
 
+ protected:
   // ---- the active adapter ----------------------------------------------------------------------
 
   /// Makes `name` the adapter forward and backward use. While unmerged this is O(1) and W0 is not
@@ -239,6 +249,7 @@ class AdapterLayer {
   /// The active adapter's name; throws std::logic_error when none is active.
   const std::string& active_name() const { return active_entry("active_name").name; }
 
+ public:
   // ---- training / evaluation mode (LoRA dropout) ------------------------------------------------
 
   /// Training mode (the default, as for a torch.nn.Module). With an adapter whose config().dropout
@@ -312,6 +323,7 @@ class AdapterLayer {
     frozen_.multiply_add(X, H);  // (d x k)(k x n): the cost of the layer
   }
 
+ protected:
   /// A mixed-adapter batch: column j of X goes through adapter `adapters[j]` (an adapter_index, or
   /// kNoAdapter for the base alone), whatever is active. One W0 X product serves the whole batch;
   /// each adapter's columns are gathered, multiplied by its low-rank factors and written back:
@@ -389,6 +401,7 @@ class AdapterLayer {
     }
   }
 
+ public:
   // ---- backward --------------------------------------------------------------------------------
 
   /// Accumulates the active adapter's gradients for G = dL/dH (d x n) and returns dL/dX (k x n):
@@ -470,6 +483,7 @@ class AdapterLayer {
     backward_without_input_grad(X, G, ws);
   }
 
+ protected:
   /// The backward of forward_mixed: each adapter accumulates its gradients from its own columns
   /// (exactly as if its columns had run alone), and dX = W0^T G + the adapters' terms (columns
   /// with kNoAdapter: W0^T G only). Throws std::logic_error while merged.
@@ -503,6 +517,7 @@ class AdapterLayer {
                     nullptr, ws);
   }
 
+ public:
   /// Sets the gradients of every adapter to zero.
   void zero_grad() {
     for (auto& e : entries_) e->adapter.zero_grad();

@@ -7,6 +7,7 @@
 #pragma once
 
 #include "lora/dense_frozen_weight.hpp"
+#include "lora/detail/frozen_storage_base.hpp"
 #include "lora/onednn/matmul.hpp"
 
 #include <Eigen/Core>
@@ -18,29 +19,13 @@
 
 namespace lora::onednn {
 
-class OneDnnFrozenWeight {
+class OneDnnFrozenWeight : public lora::detail::FrozenStorageBase<OneDnnFrozenWeight, float> {
  public:
-  using Scalar = float;
-  using Matrix = Eigen::MatrixXf;
-  using Vector = Eigen::VectorXf;
-  using Index = Eigen::Index;
-
   /// Takes W0 (out x in); pass an rvalue to move it in.
   explicit OneDnnFrozenWeight(Matrix W0, MergeMode mode = MergeMode::InPlace)
-      : dense_(std::move(W0), mode), cache_(std::make_unique<MatmulCache>()) {}
-
-  // A copy shares no primitives: each copy builds its own cache on first use.
-  OneDnnFrozenWeight(const OneDnnFrozenWeight& o)
-      : dense_(o.dense_), cache_(std::make_unique<MatmulCache>()) {}
-  OneDnnFrozenWeight& operator=(const OneDnnFrozenWeight& o) {
-    if (this != &o) {
-      dense_ = o.dense_;
-      cache_ = std::make_unique<MatmulCache>();
-    }
-    return *this;
+      : dense_(std::move(W0), mode) {
+    cache_.create();
   }
-  OneDnnFrozenWeight(OneDnnFrozenWeight&&) noexcept = default;
-  OneDnnFrozenWeight& operator=(OneDnnFrozenWeight&&) noexcept = default;
 
   Index out_features() const { return dense_.out_features(); }
   Index in_features() const { return dense_.in_features(); }
@@ -53,19 +38,6 @@ class OneDnnFrozenWeight {
   bool all_finite() const { return dense_.all_finite(); }
   void row_norms(Eigen::Ref<Eigen::VectorXd> out) const { dense_.row_norms(out); }
   std::size_t stored_bytes() const { return dense_.stored_bytes(); }
-
-  /// H = W * X.   X: k x n,  H: d x n.
-  void multiply(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
-    product(X, H, false);
-  }
-  /// H += W * X.
-  void multiply_add(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
-    product(X, H, true);
-  }
-  /// dX += W^T * G.
-  void multiply_transposed_add(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
-    transposed_product(G, dX, true);
-  }
 
   /// As DenseFrozenWeight<float>::merge: W = diag(g)(W0 + s B A), refused when not finite.
   void merge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
@@ -81,6 +53,8 @@ class OneDnnFrozenWeight {
   static std::string backend_report() { return runtime_report(); }
 
  private:
+  friend class lora::detail::FrozenStorageBase<OneDnnFrozenWeight, float>;  // calls product()
+
   void product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H, bool accumulate) const {
     if (X.cols() == 0) return;
     const Matrix& W = dense_.matrix();
@@ -99,7 +73,8 @@ class OneDnnFrozenWeight {
   }
 
   DenseFrozenWeight<float> dense_;
-  std::unique_ptr<MatmulCache> cache_;  // primitives per shape; mutable state behind a mutex
+  // Primitives per shape (mutable state behind a mutex); a copy builds its own on first use.
+  lora::detail::FreshOnCopy<MatmulCache> cache_;
 };
 
 }  // namespace lora::onednn
