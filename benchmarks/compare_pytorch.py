@@ -15,6 +15,10 @@ PyTorch side (x is n x k, PEFT's layout; W is d x k as torch.nn.Linear.weight):
   TrainStepNoInputGrad  the same with x.requires_grad = False
   Merge / Unmerge     W += scaling * B @ A  /  W -= scaling * B @ A     (PEFT's merge)
   WeightCopy          W2.copy_(W)
+  DoRAForward         PEFT's DoRA (Linear.forward + DoraLinearLayer.forward): B @ A formed
+                      through an identity input, the norm of W + scaling * B @ A per row,
+                      result + (m / norm - 1) * result + (m / norm) * lora_B(lora_A(x)) * scaling
+  DoRATrainStep       that forward, then y.backward(g) (dA, dB, dm, dX; the norm detached)
   ...Bf16             the same under torch.autocast('cpu', dtype=torch.bfloat16), PyTorch's own
                       mixed precision; MergeBf16 adds the delta into a bf16 weight.
 
@@ -86,7 +90,22 @@ def torch_times(shape, families, min_time, repetitions):
     B = torch.nn.Parameter(torch.randn(d, r) * 0.01)
     x = torch.randn(n, k)
     g = torch.randn(n, d)
+    m = torch.nn.Parameter(W.norm(dim=1) * (1 + 0.2 * torch.randn(d)))  # lora_magnitude_vector
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    eye = torch.eye(k)
+
+    def dora_forward(inp):  # PEFT 0.21: lora/layer.py Linear.forward and lora/dora.py
+        result = F.linear(inp, W)  # the base layer's output (no dropout: base_result = result)
+        lora_weight = F.linear(F.linear(eye, A), B).T  # B @ A, formed as PEFT does (FSDP-safe)
+        weight_norm = (W + s * lora_weight.detach()).norm(p=2, dim=1).detach()
+        mag_norm_scale = (m / weight_norm).view(1, -1)
+        lora_result = F.linear(F.linear(inp, A), B)
+        return result + (mag_norm_scale - 1) * result + mag_norm_scale * lora_result * s
+
+    def dora_step():
+        xi = x.detach().requires_grad_(True)
+        A.grad = B.grad = m.grad = None
+        dora_forward(xi).backward(g)
 
     def lora_forward(inp):  # PEFT: result = base_layer(x) + lora_B(lora_A(dropout(x))) * scaling
         return F.linear(inp, W) + F.linear(F.linear(inp, A), B) * s
@@ -113,6 +132,7 @@ def torch_times(shape, families, min_time, repetitions):
     with torch.no_grad():
         run("DenseForward", lambda: F.linear(x, W))
         run("LoRAForward", lambda: lora_forward(x))
+        run("DoRAForward", lambda: dora_forward(x))
         run("MergedForward", lambda: F.linear(x, W_merged))
         run("Merge", lambda: W.add_(s * (B @ A)))  # PEFT's merge; Unmerge undoes it
         run("Unmerge", lambda: W.sub_(s * (B @ A)))
@@ -124,6 +144,7 @@ def torch_times(shape, families, min_time, repetitions):
         run("MergeBf16", lambda: W_bf16.add_(s * (B @ A)))
     run("TrainStep", lambda: step(True, False))
     run("TrainStepNoInputGrad", lambda: step(False, False))
+    run("DoRATrainStep", dora_step)
     run("TrainStepBf16", lambda: step(True, True))
     run("TrainStepNoInputGradBf16", lambda: step(False, True))
     return out

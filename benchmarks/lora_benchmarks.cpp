@@ -50,7 +50,9 @@ Shape shape_of(const benchmark::State& state) {
 // releases the previous, whatever its storage type.
 std::function<void()> g_release_fixture;
 
-template <typename Frozen>
+/// The layer of a benchmark: plain LoRA, or DoRA (Dora = true: the same adapter with a learned
+/// magnitude, docs/dora.md).
+template <typename Frozen, bool Dora = false>
 struct Fixture {
   Shape shape;
   Matrix X, G, H, dX;
@@ -62,6 +64,7 @@ struct Fixture {
     cfg.rank = static_cast<int>(s.r);
     cfg.alpha = 2.0 * static_cast<double>(s.r);
     cfg.seed = 7;
+    cfg.use_dora = Dora;
     Matrix W0 = Matrix::Random(s.d, s.k) * (1.0f / std::sqrt(static_cast<float>(s.k)));
     // The storage with its default merge mode (the NF4 base supports ExactRestore only).
     lora::LoRALinear<float, Frozen> layer(Frozen(std::move(W0)), Eigen::VectorXf(), cfg);
@@ -158,15 +161,21 @@ void dense_forward_eigen(benchmark::State& state) {
   report_flops(state, f.shape);
 }
 
-/// H = W0 X + s B (A X), unmerged.
-template <typename Frozen>
+/// H = W0 X + s B (A X), unmerged. DoRA: H = m / ||W0 + s B A||_row .* (W0 X + s B A X), in
+/// evaluation mode (an inference forward: the row norms every call, no tape for backward).
+template <typename Frozen, bool Dora = false>
 void lora_forward(benchmark::State& state) {
-  auto& f = Fixture<Frozen>::get(shape_of(state));
+  auto& f = Fixture<Frozen, Dora>::get(shape_of(state));
+  if (Dora) {
+    f.layer.eval();
+    f.layer.forward(f.X, f.H, f.ws);  // grows the evaluation path's workspace slots
+  }
   timed_loop(state, [&] {
     f.layer.forward(f.X, f.H, f.ws);
     benchmark::DoNotOptimize(f.H.data());
     benchmark::ClobberMemory();
   });
+  f.layer.train();
   report_flops(state, f.shape);
   report_w0_bytes(state, f.layer.frozen());
 }
@@ -185,10 +194,11 @@ void merged_forward(benchmark::State& state) {
   report_flops(state, f.shape);
 }
 
-/// Forward, then backward with dX (gradients accumulate; no optimiser step).
-template <typename Frozen>
+/// Forward, then backward with dX (gradients accumulate; no optimiser step). DoRA: the training
+/// forward keeps its tape, so backward needs no second dense product.
+template <typename Frozen, bool Dora = false>
 void train_step(benchmark::State& state) {
-  auto& f = Fixture<Frozen>::get(shape_of(state));
+  auto& f = Fixture<Frozen, Dora>::get(shape_of(state));
   timed_loop(state, [&] {
     f.layer.forward(f.X, f.H, f.ws);
     f.layer.backward(f.X, f.G, f.dX, f.ws);
@@ -289,6 +299,8 @@ void add_families(const std::string& suffix, bool with_merge) {
   add("BM_MergedForward" + suffix, merged_forward<Frozen>);
   add("BM_TrainStep" + suffix, train_step<Frozen>);
   add("BM_TrainStepNoInputGrad" + suffix, train_step_no_input_grad<Frozen>);
+  add("BM_DoRAForward" + suffix, lora_forward<Frozen, true>);
+  add("BM_DoRATrainStep" + suffix, train_step<Frozen, true>);
   if (with_merge) {
     add("BM_Merge" + suffix, merge<Frozen>);
     // A fixed count: Google Benchmark runs a loop until 0.5 s of *timed* work has passed, and

@@ -209,6 +209,36 @@ bool bit_equal(const M& a, const M& b) {
          std::memcmp(a.data(), b.data(), sizeof(typename M::Scalar) * a.size()) == 0;
 }
 
+/// The L2 norm of each row, with a scalar square root (GCC 12 at -O3 with AVX-512 warns, wrongly,
+/// inside Eigen's vectorised double sqrt, and the build treats warnings as errors).
+VectorXd row_norms(const MatrixXd& W) {
+  VectorXd out(W.rows());
+  for (Eigen::Index i = 0; i < W.rows(); ++i) out(i) = std::sqrt(W.row(i).squaredNorm());
+  return out;
+}
+
+/// The dense DoRA reference in double on the weight as stored (Wq), forming W = Wq + s B A:
+/// H = c .* (W X) + b with c = m / ||W||_row; gradients with the norm held constant.
+struct DoraReference {
+  MatrixXd Wq, A, B;
+  VectorXd m, b;
+  double s;
+  MatrixXd W() const { return Wq + s * B * A; }
+  VectorXd c() const { return m.cwiseQuotient(row_norms(W())); }
+  MatrixXd forward(const MatrixXd& X) const {
+    MatrixXd H = c().asDiagonal() * (W() * X);
+    if (b.size()) H.colwise() += b;
+    return H;
+  }
+  MatrixXd dA(const MatrixXd& X, const MatrixXd& G) const {
+    return s * B.transpose() * c().asDiagonal() * G * X.transpose();
+  }
+  MatrixXd dB(const MatrixXd& X, const MatrixXd& G) const {
+    return s * c().asDiagonal() * G * (A * X).transpose();
+  }
+  MatrixXd dX(const MatrixXd& G) const { return W().transpose() * (c().asDiagonal() * G); }
+};
+
 template <typename Case>
 class Conformance : public ::testing::Test {
  protected:
@@ -239,6 +269,23 @@ class Conformance : public ::testing::Test {
   }
 
   static MatrixXd dbl(const Mat& m) { return m.template cast<double>(); }
+
+  /// A layer whose DoRA adapter has random B and a magnitude 20 % off the row norms of W0.
+  Layer make_dora() const {
+    auto dora = cfg;
+    dora.use_dora = true;
+    Layer l = Case::make(W0, b, dora);
+    auto& a = Case::adapter(l);
+    a.B() = random(d, r, 6, 0.5).template cast<T>();
+    a.magnitude().array() *= (1.0 + 0.2 * random(d, 1, 8).array()).template cast<T>();
+    return l;
+  }
+
+  DoraReference dora_reference(Layer& l) const {
+    const auto& a = Case::adapter(l);
+    return {dbl(l.weight()),    dbl(a.A()), dbl(a.B()), a.magnitude().template cast<double>(), b,
+            double(a.scaling())};
+  }
 
   /// The dense reference of the active adapter: Wq X + b + s B A X (+ s b_B), in double.
   MatrixXd reference_forward(Layer& l, const MatrixXd& Xin) const {
@@ -724,6 +771,198 @@ TYPED_TEST(Conformance, ParameterViewsFollowTheAdapterOrFailClearly) {
   lora::SGD<T> opt2(fresh, {0.5});
   moved.reset();
   EXPECT_THROW(opt2.step(), std::logic_error);
+}
+
+// ---- DoRA: the same battery for a DoRA adapter (docs/dora.md) -----------------------------------
+
+TYPED_TEST(Conformance, DoraForwardAndGradientsMatchTheDenseComputationAndFiniteDifferences) {
+  using T = typename TestFixture::T;
+  using Mat = typename TestFixture::Mat;
+  using C = typename TestFixture::C;
+  using Case = TypeParam;
+  auto layer = this->make_dora();
+  auto& a = Case::adapter(layer);
+  const DoraReference ref = this->dora_reference(layer);
+  const Mat X = this->X.template cast<T>(), G = this->R.template cast<T>();
+  EXPECT_MATRIX_NEAR(layer.forward(X), ref.forward(this->X), C::kProductTol);
+  layer.zero_grad();
+  const Mat dX = layer.backward(X, G);  // from the forward's tape
+  EXPECT_MATRIX_NEAR(dX, ref.dX(this->R), C::kProductTol);
+  EXPECT_MATRIX_NEAR(a.grad_A(), ref.dA(this->X, this->R), C::kProductTol);
+  EXPECT_MATRIX_NEAR(a.grad_B(), ref.dB(this->X, this->R), C::kProductTol);
+
+  // L = sum(R .* H) is linear in m and in X: central differences with a step of 0.5 are exact
+  // up to rounding.
+  auto loss = [&](const Mat& Xin) {
+    return (layer.forward(Xin).template cast<double>().array() * this->R.array()).sum();
+  };
+  const double tol = std::is_same_v<T, float> ? 2e-3 : 1e-9;
+  const Eigen::VectorXd dm = a.grad_magnitude().template cast<double>();
+  Eigen::VectorXd fd_m(this->d);
+  for (Eigen::Index i = 0; i < this->d; ++i) {
+    const T saved = a.magnitude()(i);
+    a.magnitude()(i) = saved + T(0.5);
+    const double up = loss(X);
+    a.magnitude()(i) = saved - T(0.5);
+    const double down = loss(X);
+    a.magnitude()(i) = saved;
+    fd_m(i) = up - down;
+  }
+  EXPECT_MATRIX_NEAR(dm, fd_m, std::max(tol, C::kProductTol));
+  if constexpr (C::kExactProducts) {
+    Mat Xp = X;
+    Eigen::MatrixXd g(Xp.rows(), Xp.cols());
+    for (Eigen::Index j = 0; j < Xp.cols(); ++j)
+      for (Eigen::Index i = 0; i < Xp.rows(); ++i) {
+        const T saved = Xp(i, j);
+        Xp(i, j) = saved + T(0.5);
+        const double up = loss(Xp);
+        Xp(i, j) = saved - T(0.5);
+        const double down = loss(Xp);
+        Xp(i, j) = saved;
+        g(i, j) = up - down;
+      }
+    EXPECT_MATRIX_NEAR(dX, g, tol);
+  }
+
+  // A backward with no matching forward (the finite differences ran forwards since) recomputes
+  // and accumulates the same gradients.
+  layer.zero_grad();
+  layer.backward_without_input_grad(X, G);
+  EXPECT_MATRIX_NEAR(a.grad_magnitude(), dm, 1e-5);
+  EXPECT_MATRIX_NEAR(a.grad_A(), ref.dA(this->X, this->R), C::kProductTol);
+}
+
+TYPED_TEST(Conformance, DoraMatchesPeftOnItsOwnNumbers) {
+  using T = typename TestFixture::T;
+  using Mat = typename TestFixture::Mat;
+  using C = typename TestFixture::C;
+  using Case = TypeParam;
+  for (const char* name :
+       {"dora_f64_basic", "dora_f64_rslora_bias", "dora_f64_rank1", "dora_f32_wide"}) {
+    SCOPED_TRACE(name);
+    const auto st = lora::io::SafeTensors::load(
+        fixture_path(std::string("peft-dora/") + name + ".safetensors"));
+    std::ifstream meta_file(fixture_path(std::string("peft-dora/") + name + ".json"));
+    const auto meta = nlohmann::json::parse(meta_file);
+    lora::LoRAConfig cfg;
+    cfg.rank = meta["r"].get<int>();
+    cfg.alpha = meta["lora_alpha"].get<double>();
+    cfg.use_rslora = meta["use_rslora"].get<bool>();
+    cfg.use_dora = true;
+    const MatrixXd W0 = st.matrix<double>("W0");
+    const VectorXd bias =
+        meta["bias"].get<bool>() ? st.vector<double>("bias") : VectorXd::Zero(W0.rows()).eval();
+    auto layer = Case::make(W0, bias, cfg);
+    auto& a = Case::adapter(layer);
+    a.set_weights(st.matrix<T>("A"), st.matrix<T>("B"));
+    a.set_magnitude(st.vector<T>("m"));
+    // Everything DoRA computes passes through W0 (its norms scale every term): the storage's own
+    // error, and how far its representation of W0 is from PEFT's, carry into all of it.
+    const bool single = std::is_same_v<T, float> || meta["dtype"] == "torch.float32";
+    const double tol = std::max({single ? 2e-5 : 1e-12, C::kProductTol, C::kRepresentationTol});
+    const Mat X = st.matrix<T>("x").transpose(), G = st.matrix<T>("G").transpose();
+    EXPECT_MATRIX_NEAR(layer.forward(X), st.matrix<double>("y").transpose(), tol);
+    layer.zero_grad();
+    EXPECT_MATRIX_NEAR(layer.backward(X, G), st.matrix<double>("dx").transpose(), tol);
+    EXPECT_MATRIX_NEAR(a.grad_A(), st.matrix<double>("dA"), tol);
+    EXPECT_MATRIX_NEAR(a.grad_B(), st.matrix<double>("dB"), tol);
+    EXPECT_MATRIX_NEAR(a.grad_magnitude(), st.vector<double>("dm"), tol);
+    const Mat W_before = layer.weight();
+    layer.merge();
+    EXPECT_MATRIX_NEAR(layer.weight(), st.matrix<double>("W_merged"), std::max(tol, 2 * C::kUnit));
+    EXPECT_MATRIX_NEAR(layer.forward(X), st.matrix<double>("y_merged").transpose(),
+                       std::max(tol, 2 * C::kUnit));
+    layer.unmerge();
+    if (C::kMode == MergeMode::ExactRestore) {
+      EXPECT_TRUE(bit_equal(layer.weight(), W_before));
+    } else {
+      // PEFT's unmerge, W0 = W' ||W|| / m - s B A, rounds like ours: within 4u (|W0| + |s B A|)
+      // elementwise of the weight as stored (u of the stored type; g = m / ||W|| is near 1).
+      const MatrixXd delta = double(a.scaling()) * this->dbl(a.B()) * this->dbl(a.A());
+      const MatrixXd bound = 4 * C::kUnit * (this->dbl(W_before).cwiseAbs() + delta.cwiseAbs()) +
+                             MatrixXd::Constant(W0.rows(), W0.cols(), single ? 1e-7 : 1e-16);
+      EXPECT_TRUE(
+          ((this->dbl(layer.weight()) - this->dbl(W_before)).cwiseAbs().array() <= bound.array())
+              .all());
+    }
+    if (C::kUnit < 1e-6 && C::kRepresentationTol == 0) {  // and PEFT's own, where W0 is exact
+      EXPECT_MATRIX_NEAR(layer.weight(), st.matrix<double>("W_unmerged"), tol);
+    }
+  }
+}
+
+TYPED_TEST(Conformance, DoraMergeScalesTheRowsAndUnmergeGivesW0Back) {
+  using Mat = typename TestFixture::Mat;
+  using C = typename TestFixture::C;
+  using T = typename TestFixture::T;
+  using Case = TypeParam;
+  auto layer = this->make_dora();
+  const Mat W_before = layer.weight();
+  const DoraReference ref = this->dora_reference(layer);
+  const Mat X = this->X.template cast<T>();
+  layer.eval();
+  const Mat H_unmerged = layer.forward(X);
+  const int cycles = 100;
+  for (int c = 0; c < cycles; ++c) {
+    layer.merge();
+    if (c == 0) {
+      EXPECT_MATRIX_NEAR(layer.weight(), ref.c().asDiagonal() * ref.W(),
+                         std::max(4 * C::kUnit, C::kProductTol));
+      EXPECT_MATRIX_NEAR(layer.forward(X), H_unmerged, 2 * C::kProductTol + 4 * C::kUnit);
+      Case::adapter(layer).magnitude()(0) += T(1);  // a changed magnitude is a stale merge
+      EXPECT_THROW(layer.forward(X), std::logic_error);
+      Case::adapter(layer).magnitude()(0) -= T(1);
+    }
+    layer.unmerge();
+  }
+  if (C::kMode == MergeMode::ExactRestore) {
+    EXPECT_TRUE(bit_equal(layer.weight(), W_before));
+  } else {
+    // Each cycle rounds W0 + s B A, its row scaling, the division and the subtraction: within
+    // 4u (|W0| + |s B A|) elementwise (u of the stored type; g is near 1 here).
+    const MatrixXd delta = ref.s * ref.B * ref.A;
+    const MatrixXd bound =
+        cycles * 4 * C::kUnit * (this->dbl(W_before).cwiseAbs() + delta.cwiseAbs());
+    EXPECT_TRUE(
+        ((this->dbl(layer.weight()) - this->dbl(W_before)).cwiseAbs().array() <= bound.array())
+            .all())
+        << "max |W - W0| = "
+        << (this->dbl(layer.weight()) - this->dbl(W_before)).cwiseAbs().maxCoeff();
+  }
+}
+
+TYPED_TEST(Conformance, DoraAllocatesNothingInSteadyState) {
+  using Mat = typename TestFixture::Mat;
+  using T = typename TestFixture::T;
+  using Case = TypeParam;
+  if (!lora::test::allocation_counter_available())
+    GTEST_SKIP() << "allocations are not counted in sanitizer builds";
+  auto layer = this->make_dora();
+  if (!layer.frozen().allocation_free())
+    GTEST_SKIP() << "this storage does not promise allocation-free products";
+  const Mat X = random(this->k, 64, 51).template cast<T>(),
+            G = random(this->d, 64, 52).template cast<T>();
+  Mat H(this->d, 64), dX(this->k, 64);
+  typename Case::Layer::WorkspaceType ws;
+  std::vector<int> which(64);
+  for (int j = 0; j < 64; ++j) which[j] = j % 3 == 2 ? -1 : j % 2;  // -1: kNoAdapter
+  auto round = [&] {
+    layer.forward(X, H, ws);
+    layer.backward(X, G, dX, ws);
+    layer.backward_without_input_grad(X, G, ws);
+    layer.eval();
+    layer.forward(X, H, ws);
+    layer.train();
+    if constexpr (Case::kMulti) {
+      layer.forward_mixed(X, which, H, ws);
+      layer.backward_mixed(X, which, G, dX, ws);
+    }
+  };
+  round();  // the workspace, the tape and the kernels' buffers grow here
+  const auto before = lora::test::allocation_count();
+  round();
+  EXPECT_EQ(lora::test::allocation_count() - before, 0u);
 }
 
 // ---- threads

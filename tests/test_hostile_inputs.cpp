@@ -589,7 +589,7 @@ TEST(HostileInputs, EveryErrorClassOfTheIoApiHasTheDocumentedType) {
       {"huge regex repetition",
        [&] { with_config(R"({"peft_type":"LORA","target_modules":"((a{1000}){1000}){1000}"})"); }},
       {"bad rank", [&] { with_config(R"({"peft_type":"LORA","r":-1})"); }},
-      {"DoRA", [&] { with_config(R"({"peft_type":"LORA","use_dora":true})"); }},
+      {"DoRA without magnitudes", [&] { with_config(R"({"peft_type":"LORA","use_dora":true})"); }},
       {"weights of another model", [&] {
          SafeTensorsWriter w;
          w.add("x", Eigen::MatrixXd::Ones(1, 1), DType::F32);

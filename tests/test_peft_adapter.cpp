@@ -401,8 +401,9 @@ TEST(PeftAdapter, WeightFileProblemsAreClearErrors) {
   }
   {
     const std::string dir = copy_adapter("llama_adapter", "bad_weights");
+    // DoRA's magnitude in an adapter whose config says use_dora: false.
     rewrite(dir, "", q + ".lora_magnitude_vector", Eigen::MatrixXf::Ones(1, 32));
-    expect_error([&] { lora::peft::read_adapter<float>(dir); }, "unexpected key");
+    expect_error([&] { lora::peft::read_adapter<float>(dir); }, "use_dora (DoRA) is false");
   }
   {
     const std::string dir = copy_adapter("llama_adapter", "bad_weights");

@@ -242,7 +242,8 @@ inline Mlp<DenseLinear<float>> make_base_mlp(std::uint64_t seed = 7) {
 /// alpha = 2 r (s = 2 at every rank), Kaiming-uniform A, layer i seeded with first_seed + i.
 template <typename Frozen = lora::DenseFrozenWeight<float>>
 Mlp<lora::LoRALinear<float, Frozen>> make_lora_mlp(const Mlp<DenseLinear<float>>& base, int r,
-                                                   std::uint64_t first_seed, double dropout = 0) {
+                                                   std::uint64_t first_seed, double dropout = 0,
+                                                   bool dora = false) {
   std::vector<lora::LoRALinear<float, Frozen>> layers;
   layers.reserve(base.layers().size());
   std::uint64_t seed = first_seed;
@@ -252,6 +253,7 @@ Mlp<lora::LoRALinear<float, Frozen>> make_lora_mlp(const Mlp<DenseLinear<float>>
     cfg.alpha = 2.0 * cfg.rank;
     cfg.init = lora::Init::KaimingUniform;
     cfg.dropout = dropout;
+    cfg.use_dora = dora;  // DoRA: a learned magnitude per output beside A and B
     cfg.seed = seed++;
     // The storage built with its own default merge mode (the NF4 base supports only one).
     layers.emplace_back(Frozen(l.weight()), l.bias(), cfg);

@@ -1,12 +1,16 @@
 // LoRAAdapter<T>: the trainable half of a LoRA layer, h += s * B * (A * x), with its gradients.
 // It knows nothing of the frozen weight, so one frozen base can carry several adapters.
 //
-// The tensors (A, B, the lora bias and their gradients) live in one heap block that the adapter
-// shares with the ParameterViews handed out by parameters(): moving the adapter (or the layer
-// holding it) keeps the views valid, and no view can outlive the memory it points to. Assigning
-// another adapter copies into the existing buffers where the shapes agree, so an optimizer built
-// earlier keeps training the new values; a tensor whose shape changes is reallocated and its old
-// views become stale (see parameter.hpp).
+// With config().use_dora the adapter is a DoRA adapter (arXiv 2402.09353): it also carries a
+// magnitude m (length d) and its gradient, trained beside A and B; the layer applies it
+// (adapter_layer.hpp, docs/dora.md).
+//
+// The tensors (A, B, the lora bias, the DoRA magnitude and their gradients) live in one heap block
+// that the adapter shares with the ParameterViews handed out by parameters(): moving the adapter
+// (or the layer holding it) keeps the views valid, and no view can outlive the memory it points to.
+// Assigning another adapter copies into the existing buffers where the shapes agree, so an
+// optimizer built earlier keeps training the new values; a tensor whose shape changes is
+// reallocated and its old views become stale (see parameter.hpp).
 #pragma once
 
 #include "lora/config.hpp"
@@ -39,12 +43,14 @@ struct AdapterTensors {
   using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
   Matrix A, B, grad_A, grad_B;
   Vector lora_bias, grad_lora_bias;  // empty without a lora bias
-  TensorLifetime A_life, B_life, lora_bias_life;
+  Vector magnitude, grad_magnitude;  // DoRA's m (length d); empty for a plain LoRA adapter
+  TensorLifetime A_life, B_life, lora_bias_life, magnitude_life;
 
   void retire() {
     ++A_life.generation;
     ++B_life.generation;
     ++lora_bias_life.generation;
+    ++magnitude_life.generation;
   }
 };
 
@@ -82,8 +88,10 @@ class LoRAAdapter {
   using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
   using Index = Eigen::Index;
 
-  /// A fresh adapter for a d x k weight: A drawn as cfg.init says (seeded), B = 0. Throws
-  /// std::invalid_argument for a bad config, a rank above min(d, k), or a scaling not finite in T.
+  /// A fresh adapter for a d x k weight: A drawn as cfg.init says (seeded), B = 0. With
+  /// cfg.use_dora, m (length d) is set to the row norms of W0 when the adapter joins a layer (until
+  /// then magnitude_pending() is true and m holds ones). Throws std::invalid_argument for a bad
+  /// config, a rank above min(d, k), or a scaling not finite in T.
   LoRAAdapter(Index out_features, Index in_features, const LoRAConfig& cfg)
       : config_(cfg), t_(std::make_shared<detail::AdapterTensors<T>>()) {
     detail::require(out_features >= 1 && in_features >= 1,
@@ -100,6 +108,10 @@ class LoRAAdapter {
       const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
       fill_uniform(t_->A, rng, -bound, bound);
     }
+    if (cfg.use_dora) {
+      t_->magnitude.setOnes(out_features);
+      magnitude_pending_ = true;
+    }
     zero_grad();
   }
 
@@ -107,6 +119,7 @@ class LoRAAdapter {
   LoRAAdapter(const LoRAAdapter& o)
       : config_(o.config_),
         scaling_(o.scaling_),
+        magnitude_pending_(o.magnitude_pending_),
         t_(std::make_shared<detail::AdapterTensors<T>>()) {
     const auto& s = o.tensors();
     t_->A = s.A;
@@ -115,6 +128,8 @@ class LoRAAdapter {
     t_->grad_B = s.grad_B;
     t_->lora_bias = s.lora_bias;
     t_->grad_lora_bias = s.grad_lora_bias;
+    t_->magnitude = s.magnitude;
+    t_->grad_magnitude = s.grad_magnitude;
   }
   /// Moves the tensors with their views: views of `o` now see this adapter.
   LoRAAdapter(LoRAAdapter&& o) noexcept = default;
@@ -133,8 +148,11 @@ class LoRAAdapter {
     detail::assign_tensor(d.grad_B, s.grad_B, d.B_life);
     detail::assign_tensor(d.lora_bias, s.lora_bias, d.lora_bias_life);
     detail::assign_tensor(d.grad_lora_bias, s.grad_lora_bias, d.lora_bias_life);
+    detail::assign_tensor(d.magnitude, s.magnitude, d.magnitude_life);
+    detail::assign_tensor(d.grad_magnitude, s.grad_magnitude, d.magnitude_life);
     config_ = o.config_;
     scaling_ = o.scaling_;
+    magnitude_pending_ = o.magnitude_pending_;
     return *this;
   }
   /// As copy assignment: the values move in, this adapter's buffers (and views) stay.
@@ -178,26 +196,57 @@ class LoRAAdapter {
     t.grad_A.setZero(t.A.rows(), t.A.cols());
     t.grad_B.setZero(t.B.rows(), t.B.cols());
     t.grad_lora_bias.setZero(t.lora_bias.size());
+    t.grad_magnitude.setZero(t.magnitude.size());
   }
 
-  /// Trainable parameters: r * (d + k), plus d with a lora bias.
+  /// Trainable parameters: r * (d + k), plus d with a lora bias, plus d for DoRA's magnitude.
   Index parameter_count() const {
     const auto& t = tensors();
-    return t.A.size() + t.B.size() + t.lora_bias.size();
+    return t.A.size() + t.B.size() + t.lora_bias.size() + t.magnitude.size();
   }
 
   /// The trainable tensors as optimizer views: A (r x k), B (d x r) and, when present, the lora
-  /// bias (d x 1), each with its gradient. The views share the adapter's storage (see the top of
-  /// this file); `prefix` starts their names ("fc1." gives "fc1.A").
+  /// bias (d x 1) and DoRA's magnitude (d x 1, named "magnitude"), each with its gradient. The
+  /// views share the adapter's storage (see the top of this file); `prefix` starts their names
+  /// ("fc1." gives "fc1.A").
   std::vector<ParameterView<T>> parameters(const std::string& prefix = "") {
     auto& t = tensors();
     std::vector<ParameterView<T>> out;
-    out.reserve(3);
+    out.reserve(4);
     out.push_back(view(t.A, t.grad_A, prefix + "A", t.A_life));
     out.push_back(view(t.B, t.grad_B, prefix + "B", t.B_life));
     if (has_lora_bias())
       out.push_back(view(t.lora_bias, t.grad_lora_bias, prefix + "lora_bias", t.lora_bias_life));
+    if (uses_dora())
+      out.push_back(view(t.magnitude, t.grad_magnitude, prefix + "magnitude", t.magnitude_life));
     return out;
+  }
+
+  // ---- DoRA's magnitude (config().use_dora) ----------------------------------------------------
+  // The layer computes H = (m / ||W0 + s B A||_row) .* (W0 X + s B A X) + b; the adapter holds m.
+
+  /// True for a DoRA adapter (config().use_dora).
+  bool uses_dora() const { return config_.use_dora; }
+  /// m, length d (empty for a plain LoRA adapter).
+  const Vector& magnitude() const { return tensors().magnitude; }
+  /// Mutable m (to edit it; never resize it). A merged layer keeps a copy of what it merged.
+  Vector& magnitude() { return tensors().magnitude; }
+  const Vector& grad_magnitude() const { return tensors().grad_magnitude; }  ///< dL/dm, length d
+  Vector& grad_magnitude() { return tensors().grad_magnitude; }
+  /// True for a fresh DoRA adapter until a layer sets m to the row norms of its W0 (PEFT's
+  /// initialisation); false once m was set, by a layer or by set_magnitude.
+  bool magnitude_pending() const { return magnitude_pending_; }
+
+  /// Sets m (length d), e.g. to a loaded lora_magnitude_vector. Throws std::invalid_argument for a
+  /// plain LoRA adapter or another length.
+  void set_magnitude(const Eigen::Ref<const Vector>& m) {
+    detail::require(uses_dora(),
+                    "LoRAAdapter::set_magnitude: this adapter is not a DoRA adapter "
+                    "(config().use_dora is false)");
+    detail::require(m.size() == out_features(), "LoRAAdapter::set_magnitude: m must have length ",
+                    out_features(), " (out_features), got ", m.size());
+    tensors().magnitude = m;
+    magnitude_pending_ = false;
   }
 
   // ---- lora bias (PEFT's `lora_bias=True`) -----------------------------------------------------
@@ -212,8 +261,12 @@ class LoRAAdapter {
   const Vector& grad_lora_bias() const { return tensors().grad_lora_bias; }  ///< dL/db_B
   Vector& grad_lora_bias() { return tensors().grad_lora_bias; }
 
-  /// Gives the adapter a bias on B, set to b (length d), with a zero gradient.
+  /// Gives the adapter a bias on B, set to b (length d), with a zero gradient. Throws
+  /// std::invalid_argument for a DoRA adapter (PEFT refuses lora_bias with DoRA too).
   void set_lora_bias(const Eigen::Ref<const Vector>& b) {
+    detail::require(!uses_dora(),
+                    "LoRAAdapter::set_lora_bias: a DoRA adapter has no lora bias (PEFT refuses "
+                    "lora_bias=True with use_dora=True)");
     detail::require(b.size() == out_features(),
                     "LoRAAdapter::set_lora_bias: the bias must have length ", out_features(),
                     " (out_features), got ", b.size());
@@ -236,12 +289,13 @@ class LoRAAdapter {
     if (has_lora_bias()) H.colwise() += scaling_ * tensors().lora_bias;
   }
 
-  /// True when A, B, the lora bias and their gradients hold no NaN or infinity. O(r (d + k)):
-  /// cheap every step.
+  /// True when A, B, the lora bias, DoRA's magnitude and their gradients hold no NaN or infinity.
+  /// O(r (d + k)): cheap every step.
   bool all_finite() const {
     const auto& t = tensors();
     return t.A.allFinite() && t.B.allFinite() && t.grad_A.allFinite() && t.grad_B.allFinite() &&
-           t.lora_bias.allFinite() && t.grad_lora_bias.allFinite();
+           t.lora_bias.allFinite() && t.grad_lora_bias.allFinite() && t.magnitude.allFinite() &&
+           t.grad_magnitude.allFinite();
   }
 
   /// Throws std::domain_error naming the first NaN or infinity in A, B, grad_A, grad_B, the lora
@@ -255,6 +309,8 @@ class LoRAAdapter {
     detail::require_finite(where, "grad_B", t.grad_B);
     detail::require_finite(where, "lora_bias", t.lora_bias);
     detail::require_finite(where, "grad_lora_bias", t.grad_lora_bias);
+    detail::require_finite(where, "magnitude", t.magnitude);
+    detail::require_finite(where, "grad_magnitude", t.grad_magnitude);
   }
 
   /// H = s * B * (A * X) + bias (bias: length d, or empty for none), overwriting H in one pass, so
@@ -317,6 +373,7 @@ class LoRAAdapter {
 
   LoRAConfig config_;
   T scaling_{};
+  bool magnitude_pending_ = false;  // DoRA: m still waits for the row norms of a layer's W0
   std::shared_ptr<detail::AdapterTensors<T>> t_;  // shared with the parameter views
 };
 

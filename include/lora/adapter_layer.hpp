@@ -2,6 +2,8 @@
 // (W0: d x k in a frozen storage, optional bias b) carrying a set of named LoRA adapters, one of
 // which may be active:
 //   H = W0 X + b + s B (A X)                      (the paper's Eq. 3, a column per sample)
+// or, for a DoRA adapter (config().use_dora, arXiv 2402.09353; docs/dora.md),
+//   H = (m / ||W0 + s B A||_row) .* (W0 X + s B (A X)) + b
 // LoRALinear (one adapter) and MultiLoRALinear (many, mixed batches) are faces of this class: both
 // derive from it, the public members here are theirs, and MultiLoRALinear also makes public the
 // multi-adapter members (the "protected:" blocks). Every feature (dropout, train/eval, the
@@ -39,8 +41,8 @@ namespace lora {
 /// The convenience calls return new matrices; the out-parameter overloads write into caller-owned
 /// storage and take a Workspace, and allocate nothing once the workspace has grown to the batch
 /// (with a storage whose allocation_free() is true). const members are safe to call from many
-/// threads at once, except a training-mode forward with LoRA dropout (see train()); anything
-/// that changes the layer needs exclusive access.
+/// threads at once, except a training-mode forward with LoRA dropout or a DoRA adapter (see
+/// train()); anything that changes the layer needs exclusive access.
 ///
 /// Merge guarantee: merge() keeps a copy of the factors it folded in (r (d + k) numbers), and
 /// unmerge() removes exactly those, whatever happened to the adapter in between (an optimizer step,
@@ -94,7 +96,8 @@ class AdapterLayer {
         dropout_rng_(o.dropout_rng_),
         mask_storage_(o.mask_storage_),
         mask_rows_(o.mask_rows_),
-        mask_cols_(o.mask_cols_) {
+        mask_cols_(o.mask_cols_),
+        w0_sq_norms_(o.w0_sq_norms_) {  // DoRA's tape is not copied: a copy's backward recomputes
     entries_.reserve(o.entries_.size());
     for (const auto& e : o.entries_) entries_.push_back(std::make_unique<Entry>(*e));
   }
@@ -120,18 +123,22 @@ class AdapterLayer {
  protected:
   // ---- adapters --------------------------------------------------------------------------------
 
-  /// Adds a fresh adapter (A drawn as cfg says, B = 0) named `name` and returns it.
+  /// Adds a fresh adapter (A drawn as cfg says, B = 0; with cfg.use_dora, m = the row norms of W0,
+  /// PEFT's initialisation) named `name` and returns it.
   Adapter& add_adapter(const std::string& name, const LoRAConfig& cfg) {
     return add_adapter(name, Adapter(out_features(), in_features(), cfg));
   }
 
   /// Adds `adapter` (for this layer's d x k weight) under `name`. Throws std::invalid_argument for
   /// an empty name, a name already in use or a shape mismatch. Does not change the active adapter.
+  /// A DoRA adapter whose magnitude_pending() gets m = the row norms of W0; the first DoRA adapter
+  /// measures them (O(d k), once: std::logic_error if the layer is merged then).
   Adapter& add_adapter(const std::string& name, Adapter adapter) {
     const detail::Where where{face_, "add_adapter"};
     detail::require(!name.empty(), where, ": the name is empty");
     detail::require(find(name) < 0, where, ": an adapter named \"", name, "\" already exists");
     require_fits(where, name, adapter);
+    prepare_dora(where, adapter);
     // The first adapter seeds LoRA dropout, apart from A's draw (which uses config.seed itself).
     if (entries_.empty()) dropout_rng_ = Rng(adapter.config().seed + kDropoutSeedOffset);
     entries_.push_back(std::make_unique<Entry>(Entry{name, std::move(adapter)}));
@@ -145,6 +152,7 @@ class AdapterLayer {
     if (i == active_) disable();
     entries_.erase(entries_.begin() + i);
     if (active_ > i) --active_;
+    forget_tape();
   }
 
   /// Gives adapter `name` the values of `adapter` (rank, scaling and tensors), copying into the
@@ -158,7 +166,10 @@ class AdapterLayer {
     detail::require_state(!(i == active_ && is_merged()), where, ": adapter \"", name,
                           "\" is merged; call unmerge() first");
     require_fits(where, name, adapter);
-    entry(i).adapter = adapter;
+    Adapter copy = adapter;
+    prepare_dora(where, copy);
+    entry(i).adapter = std::move(copy);
+    forget_tape();
   }
 
   bool has_adapter(const std::string& name) const { return find(name) >= 0; }
@@ -191,7 +202,8 @@ class AdapterLayer {
   }
 
  public:
-  /// Trainable parameters of every adapter: the sum of r * (d + k) (+ d with a lora bias).
+  /// Trainable parameters of every adapter: the sum of r * (d + k) (+ d with a lora bias, + d for
+  /// DoRA's magnitude).
   Index trainable_parameter_count() const {
     Index n = 0;
     for (const auto& e : entries_) n += e->adapter.parameter_count();
@@ -208,6 +220,7 @@ class AdapterLayer {
   void set_active(const std::string& name) {
     const int i = index_or_throw("set_active", name);
     if (i == active_) return;
+    forget_tape();
     if (!is_merged()) {
       active_ = i;
       return;
@@ -244,7 +257,8 @@ class AdapterLayer {
   ///   H = W0 X + b + s B A (M .* X),   M_ij = 0 with probability p, else 1 / (1 - p),
   /// with M drawn from the layer's own seeded generator and kept for the backward that follows.
   /// Such a forward changes the layer (the mask) although it is const: it must not run
-  /// concurrently with any other call on the same layer.
+  /// concurrently with any other call on the same layer. So does a training-mode forward with a
+  /// DoRA adapter, which keeps what its backward needs (see forward()).
   void train(bool on = true) { training_ = on; }
   /// Evaluation mode: no dropout; forward is deterministic and thread-safe.
   void eval() { training_ = false; }
@@ -263,6 +277,10 @@ class AdapterLayer {
   // ---- forward ---------------------------------------------------------------------------------
 
   /// H = W0 X + b + s B (A X) with the active adapter (W0 X + b with none).   X: k x n -> H: d x n.
+  /// With a DoRA adapter H = c .* (W0 X + s B (A X)) + b, c = m / ||W0 + s B A||_row, at the cost
+  /// of r more output columns of the frozen product (the norms; no d x k matrix). In training mode
+  /// the layer then keeps the normalised direction's output and c for backward (d x n: no second
+  /// dense product there), which makes that forward a writer like dropout's (see train()).
   Matrix forward(const Eigen::Ref<const Matrix>& X) const {
     Matrix H(out_features(), X.cols());
     WorkspaceType ws;
@@ -284,6 +302,10 @@ class AdapterLayer {
       require_merge_current(where);
       base_forward(X, H);
       a.add_lora_bias_term(H);
+      return;
+    }
+    if (a.uses_dora()) {
+      dora_forward(a, X, H, ws);
       return;
     }
     // (The scratch views are passed as temporaries: GCC 12 mistakes a named Map bound to a Ref
@@ -323,15 +345,42 @@ class AdapterLayer {
     detail::require_forward_args(where, X, H, out_features(), in_features());
     const bool dropout = mixed_dropout_active(adapters);
     if (dropout) draw_dropout_mask(X.cols(), [&](Index j) { return column_dropout(adapters, j); });
+    const int count = static_cast<int>(entries_.size());
+    const bool dora = mixed_uses_dora(adapters);
+    // DoRA's c and 1/||W|| of adapter a in columns 2a, 2a + 1 (they scale its columns after the
+    // frozen product).
+    auto scales = ws.get(Slot::DoraScales, out_features(), dora ? 2 * count : 0);
+    if (dora && training_) tape_begin(X);
     // Each column starts as its adapter's term plus the bias (as forward does), then the one
     // frozen product accumulates over the whole batch.
-    for (int a = 0; a < static_cast<int>(entries_.size()); ++a) {
+    for (int a = 0; a < count; ++a) {
       const Index n_a = column_count(adapters, a);
       if (n_a == 0) continue;
       const Adapter& ad = entry(a).adapter;
+      const bool masked = dropout && ad.config().dropout > 0;
       auto Xa = gather_input(X, adapters, a, n_a, dropout, ws);  // k x n_a
       auto Ya = ws.get(Slot::GatheredOutput, out_features(), n_a);
-      ad.assign_forward(Xa, Ya, ws.get(Slot::LowRank, ad.rank(), n_a), bias_);  // d x n_a
+      if (!ad.uses_dora()) {
+        ad.assign_forward(Xa, Ya, ws.get(Slot::LowRank, ad.rank(), n_a), bias_);  // d x n_a
+      } else {
+        auto sc = scales.middleCols(2 * a, 2);
+        dora_scales(ad, ws, sc);
+        if (training_) tape_record(a, ad, sc);
+        ad.assign_forward(Xa, Ya, ws.get(Slot::LowRank, ad.rank(), n_a), Vector());  // s B A Xa
+        // Without dropout the columns are scaled after the frozen product below; with it, the
+        // scaled base term sees the dropped input (W0 X + (c - 1) .* W0 Xd + ...): see
+        // dora_forward.
+        if (masked) {
+          auto base = ws.get(Slot::DoraBase, out_features(), n_a);
+          frozen_.multiply(Xa, base);  // W0 Xd: (d x k)(k x n_a)
+          Ya += base;
+          for (Index j = 0, c = 0; j < X.cols(); ++j)
+            if (adapters[static_cast<std::size_t>(j)] == a) {
+              dora_finish_column(Ya.col(c), sc, training_ ? j : -1, base.col(c));
+              ++c;
+            }
+        }
+      }
       scatter(Ya, adapters, a, H);
     }
     for (Index j = 0; j < X.cols(); ++j) {
@@ -343,6 +392,13 @@ class AdapterLayer {
       }
     }
     frozen_.multiply_add(X, H);  // (d x k)(k x n)
+    if (!dora) return;
+    for (Index j = 0; j < X.cols(); ++j) {  // DoRA columns without dropout: H = c .* Z + b
+      const int a = adapters[static_cast<std::size_t>(j)];
+      if (a == kNoAdapter || !entry(a).adapter.uses_dora()) continue;
+      if (dropout && entry(a).adapter.config().dropout > 0) continue;  // done above
+      dora_finish_column(H.col(j), scales.middleCols(2 * a, 2), training_ ? j : -1);
+    }
   }
 
  public:
@@ -350,6 +406,10 @@ class AdapterLayer {
 
   /// Accumulates the active adapter's gradients for G = dL/dH (d x n) and returns dL/dX (k x n):
   ///   dX = W0^T G + s A^T (B^T G).
+  /// A DoRA adapter holds its norms constant (as PEFT does): with c = m / ||W0 + s B A||_row and
+  /// Gc = c .* G, dA and dB are LoRA's with Gc, dm += rowsum(G .* Z / ||W||), dX = W^T Gc. It uses
+  /// what the training-mode forward kept when that forward had this X and the adapter is unchanged
+  /// since (checked: O(k n + r (d + k))), and recomputes Z (one more dense product) otherwise.
   /// X must be the input of the matching forward. Throws std::logic_error while merged or with no
   /// active adapter.
   Matrix backward(const Eigen::Ref<const Matrix>& X, const Eigen::Ref<const Matrix>& G) {
@@ -366,6 +426,18 @@ class AdapterLayer {
     Adapter& a = trainable_active(where);
     detail::require_backward_args(where, X, G, out_features(), in_features());
     detail::require_input_gradient_arg(where, dX, X, G);
+    if (a.uses_dora()) {
+      const bool dropout = dropout_active();
+      if (dropout) {
+        dora_gradients(a, active_, masked_input(where, X, ws), X, G, nullptr, &dX, true, ws);
+        dX.array() *= dropout_mask().array();    // the adapter and the scaled base saw M .* X
+        frozen_.multiply_transposed_add(G, dX);  // dX += W0^T G: (k x d)(d x n)
+      } else {
+        const auto Gc = dora_gradients(a, active_, X, X, G, nullptr, &dX, false, ws);
+        frozen_.multiply_transposed_add(Gc, dX);  // dX += W0^T (c .* G): (k x d)(d x n)
+      }
+      return;
+    }
     auto AX = ws.get(Slot::LowRank, a.rank(), X.cols());
     auto BtG = ws.get(Slot::BackProjected, a.rank(), X.cols());
     if (dropout_active()) {
@@ -388,6 +460,14 @@ class AdapterLayer {
     const detail::Where where{face_, "backward_without_input_grad"};
     Adapter& a = trainable_active(where);
     detail::require_backward_args(where, X, G, out_features(), in_features());
+    if (a.uses_dora()) {
+      if (dropout_active()) {
+        dora_gradients(a, active_, masked_input(where, X, ws), X, G, nullptr, nullptr, true, ws);
+      } else {
+        dora_gradients(a, active_, X, X, G, nullptr, nullptr, false, ws);
+      }
+      return;
+    }
     auto AX = ws.get(Slot::LowRank, a.rank(), X.cols());
     auto BtG = ws.get(Slot::BackProjected, a.rank(), X.cols());
     if (dropout_active()) {
@@ -420,8 +500,13 @@ class AdapterLayer {
                       const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX, WorkspaceType& ws) {
     const detail::Where where{face_, "backward_mixed"};
     detail::require_input_gradient_arg(where, dX, X, G);
-    mixed_gradients(where, X, adapters, G, &dX, ws);
-    frozen_.multiply_transposed_add(G, dX);  // dX += W0^T G: (k x d)(d x n)
+    const bool scaled = mixed_gradients(where, X, adapters, G, &dX, ws);
+    // dX += W0^T G, with DoRA columns (without dropout) as c .* G: (k x d)(d x n)
+    if (scaled) {
+      frozen_.multiply_transposed_add(ws.get(Slot::DoraOutputGrad, out_features(), X.cols()), dX);
+    } else {
+      frozen_.multiply_transposed_add(G, dX);
+    }
   }
 
   /// The adapters' gradients of a mixed batch, without dX.
@@ -441,9 +526,9 @@ class AdapterLayer {
   // ---- merge -----------------------------------------------------------------------------------
 
   /// Folds the active adapter's s*B*A into the weight so that forward costs exactly a dense layer;
-  /// a no-op when merged. Throws std::logic_error without an active adapter, std::domain_error
-  /// (weight untouched) if A, B or s is not finite or if the merged weight is not finite in the
-  /// storage's type where W0 was.
+  /// a no-op when merged. A DoRA adapter merges W = diag(m / ||W0 + s B A||) (W0 + s B A). Throws
+  /// std::logic_error without an active adapter, std::domain_error (weight untouched) if A, B or s
+  /// is not finite or if the merged weight is not finite in the storage's type where W0 was.
   void merge() {
     if (is_merged()) return;
     const Entry& e = active_entry("merge");
@@ -453,14 +538,24 @@ class AdapterLayer {
     merged_.scaling = e.adapter.scaling();
     merged_.A = e.adapter.A();
     merged_.B = e.adapter.B();
-    frozen_.merge(merged_.scaling, merged_.B, merged_.A, Vector());
+    merged_.m = e.adapter.magnitude();  // empty for LoRA
+    if (e.adapter.uses_dora()) {
+      WorkspaceType ws;  // merge is not a hot path
+      auto sc = ws.get(Slot::DoraScales, out_features(), 2);
+      dora_scales(e.adapter, ws, sc);
+      merged_.g = sc.col(0);  // the row scale unmerge divides out again
+    } else {
+      merged_.g.resize(0);
+    }
+    forget_tape();
+    frozen_.merge(merged_.scaling, merged_.B, merged_.A, merged_.g);
   }
 
   /// Gives W0 back (bit-exact with MergeMode::ExactRestore; within MergeMode::InPlace's bound
   /// otherwise), removing exactly the factors merge() folded in. A no-op when not merged.
   void unmerge() {
     if (!is_merged()) return;
-    frozen_.unmerge(merged_.scaling, merged_.B, merged_.A, Vector());
+    frozen_.unmerge(merged_.scaling, merged_.B, merged_.A, merged_.g);
   }
 
   bool is_merged() const { return frozen_.is_merged(); }
@@ -506,10 +601,12 @@ class AdapterLayer {
   // Keeps the dropout stream apart from A's draw, which uses config.seed itself.
   static constexpr std::uint64_t kDropoutSeedOffset = 0x6c6f72615f64726fULL;  // "lora_dro"
 
-  /// The factors folded into the weight by the last merge() (valid while merged).
+  /// The factors folded into the weight by the last merge() (valid while merged): for DoRA also
+  /// m (for the stale-merge check) and the row scale g = m / ||W0 + s B A|| (for unmerge).
   struct MergedFactors {
     T scaling{};
     Matrix A, B;
+    Vector m, g;
   };
 
   int find(const std::string& name) const {
@@ -542,24 +639,31 @@ class AdapterLayer {
                     detail::shape_string(a.out_features(), a.in_features()),
                     " weight, this layer's W0 is ",
                     detail::shape_string(out_features(), in_features()));
+    detail::require(a.uses_dora() == (a.magnitude().size() != 0) &&
+                        (!a.uses_dora() || a.magnitude().size() == out_features()),
+                    where, ": adapter \"", name, "\" ",
+                    a.uses_dora() ? "is a DoRA adapter whose magnitude has length "
+                                  : "is not a DoRA adapter but has a magnitude of length ",
+                    a.magnitude().size(), "; W0 has ", out_features(), " rows");
   }
 
   void require_mergeable(const detail::Where& where, const Entry& e) const {
     if (!std::isfinite(static_cast<double>(e.adapter.scaling())) || !e.adapter.A().allFinite() ||
-        !e.adapter.B().allFinite())
+        !e.adapter.B().allFinite() || !e.adapter.magnitude().allFinite())
       throw std::domain_error(detail::concat(where, ": adapter \"", e.name,
-                                             "\": A, B and the scaling must be finite; the weight "
-                                             "was left as it was"));
+                                             "\": A, B, the scaling and DoRA's magnitude must be "
+                                             "finite; the weight was left as it was"));
   }
 
   /// A forward while merged must not serve a stale merge: O(r (d + k)) comparisons.
   void require_merge_current(const detail::Where& where) const {
     const Adapter& a = entry(active_).adapter;
-    const bool current = a.scaling() == merged_.scaling && a.A() == merged_.A && a.B() == merged_.B;
+    const bool current = a.scaling() == merged_.scaling && a.A() == merged_.A &&
+                         a.B() == merged_.B && same(a.magnitude(), merged_.m);
     detail::require_state(current, where, ": adapter \"", entry(active_).name,
-                          "\" changed after merge() (an optimizer step or a write through A() or "
-                          "B() while merged); call unmerge(), which removes exactly what was "
-                          "merged, then merge() again");
+                          "\" changed after merge() (an optimizer step or a write through A(), "
+                          "B() or magnitude() while merged); call unmerge(), which removes exactly "
+                          "what was merged, then merge() again");
   }
 
   /// The active adapter, for a call that trains it: throws while merged or with none active.
@@ -677,14 +781,19 @@ class AdapterLayer {
   }
 
   /// Each adapter's gradients from its own columns; with dX, its term of dX written to its
-  /// columns (kNoAdapter columns zeroed) for the frozen product to accumulate onto.
-  void mixed_gradients(const detail::Where& where, const Eigen::Ref<const Matrix>& X,
+  /// columns (kNoAdapter columns zeroed) for the frozen product to accumulate onto. Returns true
+  /// when that product must take the DoraOutputGrad slot (G with the DoRA columns as c .* G)
+  /// instead of G.
+  bool mixed_gradients(const detail::Where& where, const Eigen::Ref<const Matrix>& X,
                        const std::vector<int>& adapters, const Eigen::Ref<const Matrix>& G,
                        Eigen::Ref<Matrix>* dX, WorkspaceType& ws) {
     require_mixed_args(where, X, adapters);
     detail::require_backward_args(where, X, G, out_features(), in_features());
     const bool dropout = mixed_dropout_active(adapters);
     if (dropout) require_mask_for(where, X.cols());
+    const bool scaled = dX != nullptr && mixed_uses_dora(adapters);
+    auto G_out = ws.get(Slot::DoraOutputGrad, out_features(), scaled ? X.cols() : 0);
+    if (scaled) G_out = G;
     for (int a = 0; a < static_cast<int>(entries_.size()); ++a) {
       const Index n_a = column_count(adapters, a);
       if (n_a == 0) continue;
@@ -693,6 +802,17 @@ class AdapterLayer {
       auto Ga = ws.get(Slot::GatheredGrad, out_features(), n_a);  // d x n_a
       for (Index j = 0, c = 0; j < X.cols(); ++j)
         if (adapters[static_cast<std::size_t>(j)] == a) Ga.col(c++) = G.col(j);
+      if (ad.uses_dora()) {
+        const bool masked = dropout && ad.config().dropout > 0;
+        auto dXa = ws.get(Slot::GatheredOutput, in_features(), dX != nullptr ? n_a : 0);
+        Eigen::Ref<Matrix> dXa_ref(dXa);
+        const auto Gc = dora_gradients(ad, a, Xa, X, Ga, &adapters,
+                                       dX != nullptr ? &dXa_ref : nullptr, masked, ws);
+        if (dX == nullptr) continue;
+        if (!masked) scatter(Gc, adapters, a, G_out);  // W0^T (c .* G) for these columns
+        scatter(dXa, adapters, a, *dX);
+        continue;
+      }
       auto BtG = ws.get(Slot::BackProjected, ad.rank(), n_a);
       ad.accumulate_gradients(Xa, Ga, ws.get(Slot::LowRank, ad.rank(), n_a), BtG);
       if (dX == nullptr) continue;
@@ -700,7 +820,7 @@ class AdapterLayer {
       ad.assign_input_gradient(BtG, dXa);  // s A^T (B^T G_a): (k x r)(r x n_a)
       scatter(dXa, adapters, a, *dX);
     }
-    if (dX == nullptr) return;
+    if (dX == nullptr) return false;
     const auto M = dropout_mask();
     for (Index j = 0; j < X.cols(); ++j) {
       if (adapters[static_cast<std::size_t>(j)] == kNoAdapter) {
@@ -709,6 +829,278 @@ class AdapterLayer {
         dX->col(j).array() *= M.col(j).array();  // the adapter saw M .* X
       }
     }
+    return scaled;
+  }
+
+  // ---- DoRA (docs/dora.md) ---------------------------------------------------------------------
+
+  /// A fresh DoRA row norm below 1/kDoraMaxCancellation of the sum of its terms' magnitudes is
+  /// recomputed exactly (see dora_scales): the accepted ones lose at most log2(16) = 4 bits to
+  /// cancellation beyond the precision of their terms.
+  static constexpr double kDoraMaxCancellation = 16.0;
+
+  static bool same(const Matrix& a, const Matrix& b) {
+    return a.rows() == b.rows() && a.cols() == b.cols() && a == b;
+  }
+  static bool same(const Vector& a, const Vector& b) { return a.size() == b.size() && a == b; }
+
+  bool mixed_uses_dora(const std::vector<int>& adapters) const {
+    for (int a : adapters)
+      if (a != kNoAdapter && entry(a).adapter.uses_dora()) return true;
+    return false;
+  }
+
+  /// For a DoRA adapter joining the layer: measures ||row i of W0||^2 once (as stored, in double)
+  /// and sets a pending magnitude to the row norms of W0 (PEFT's initialisation).
+  void prepare_dora(const detail::Where& where, Adapter& a) {
+    if (!a.uses_dora()) return;
+    if (w0_sq_norms_.size() == 0) {
+      detail::require_state(!is_merged(), where,
+                            ": a DoRA adapter needs the row norms of W0, which a merged layer no "
+                            "longer holds; call unmerge() first");
+      Eigen::VectorXd norms(out_features());
+      frozen_.row_norms(norms);
+      w0_sq_norms_ = norms.array().square();
+    }
+    if (a.magnitude_pending()) {
+      Vector m(out_features());
+      for (Index i = 0; i < m.size(); ++i) m(i) = static_cast<T>(std::sqrt(w0_sq_norms_(i)));
+      a.set_magnitude(m);
+    }
+  }
+
+  /// DoRA's row scales of adapter a into sc (d x 2): sc.col(0) = c = m / ||W0 + s B A||_row and
+  /// sc.col(1) = 1 / ||W0 + s B A||_row (0 for a zero row, whose direction is zero: its output is
+  /// the bias and its gradients vanish, where PEFT divides 0 by 0). No d x k matrix is formed:
+  ///   ||w_i + s b_i A||^2 = ||w_i||^2 + 2 s b_i . (A w_i) + s^2 b_i (A A^T) b_i^T
+  /// with ||w_i||^2 measured once (prepare_dora), A w_i from the storage's own product W0 A^T
+  /// (d x r: r more output columns) and the r x r Gram matrix A A^T; the sum is taken in double.
+  /// When it cancels (below 1/16 of |first| + |second| + |third|: the update removes most of the
+  /// row) the row is recomputed exactly from the row as stored (dora_exact_norms).
+  void dora_scales(const Adapter& a, WorkspaceType& ws, Eigen::Ref<Matrix> sc) const {
+    auto At = ws.get(Slot::DoraFactorT, in_features(), a.rank());
+    At = a.A().transpose();
+    auto P = ws.get(Slot::DoraProjected, out_features(), a.rank());
+    frozen_.multiply(At, P);  // W0 A^T: (d x k)(k x r)
+    dora_scales_from(a, P, ws, sc);
+  }
+
+  /// As dora_scales, with P = W0 A^T (d x r) already computed (dora_forward gets it from the
+  /// forward's own product).
+  void dora_scales_from(const Adapter& a, const Eigen::Ref<const Matrix>& P, WorkspaceType& ws,
+                        Eigen::Ref<Matrix> sc) const {
+    const Index d = out_features(), r = a.rank();
+    const double s = static_cast<double>(a.scaling());
+    auto gram = ws.get(Slot::DoraGram, r, r);
+    gram.setZero();
+    detail::gemm_add(gram, a.A(), a.A().transpose(), T(1));  // A A^T: (r x k)(k x r)
+    auto BG = ws.get(Slot::DoraGramB, d, r);
+    BG.setZero();
+    detail::gemm_add(BG, a.B(), gram, T(1));  // B (A A^T): (d x r)(r x r)
+    const Matrix& B = a.B();
+    const Vector& m = a.magnitude();
+    Index fallback = 0;
+    for (Index i = 0; i < d; ++i) {
+      double cross = 0, quad = 0;
+      for (Index j = 0; j < r; ++j) {
+        cross += double(B(i, j)) * double(P(i, j));  // b_i . (A w_i)
+        quad += double(B(i, j)) * double(BG(i, j));  // b_i (A A^T) b_i^T
+      }
+      const double w2 = w0_sq_norms_(i);
+      const double sq = w2 + 2 * s * cross + s * s * quad;
+      const double terms = w2 + 2 * std::abs(s * cross) + s * s * std::abs(quad);
+      if (sq * kDoraMaxCancellation >= terms) {  // false for NaN too
+        set_dora_scale(sc, i, m(i), std::sqrt(sq));
+      } else {
+        sc(i, 1) = T(-1);  // marks the row for the exact recomputation
+        ++fallback;
+      }
+    }
+    if (fallback > 0) dora_exact_norms(a, fallback, ws, sc);
+  }
+
+  static void set_dora_scale(Eigen::Ref<Matrix> sc, Index i, T m, double norm) {
+    const double inv = norm > 0 ? 1.0 / norm : 0.0;
+    sc(i, 0) = static_cast<T>(double(m) * inv);
+    sc(i, 1) = static_cast<T>(inv);
+  }
+
+  /// The rows marked in sc (col 1 < 0): ||w_i + s b_i A|| summed in double over the row of W0 as
+  /// stored, which the storage's own transposed product with unit vectors gives exactly (1 and 0
+  /// are exact in every input format). O(d k q) for q rows: a q-column product.
+  void dora_exact_norms(const Adapter& a, Index q, WorkspaceType& ws, Eigen::Ref<Matrix> sc) const {
+    const Index d = out_features(), k = in_features(), r = a.rank();
+    auto E = ws.get(Slot::DoraRowSelect, d, q);
+    E.setZero();
+    for (Index i = 0, c = 0; i < d; ++i)
+      if (sc(i, 1) < 0) E(i, c++) = T(1);
+    auto rows = ws.get(Slot::DoraRows, k, q);
+    rows.setZero();
+    frozen_.multiply_transposed_add(E, rows);  // W0^T E: the marked rows of W0, (k x d)(d x q)
+    const double s = static_cast<double>(a.scaling());
+    const Matrix& A = a.A();
+    const Matrix& B = a.B();
+    for (Index i = 0, c = 0; i < d; ++i) {
+      if (sc(i, 1) >= 0) continue;
+      double sum = 0;
+      for (Index l = 0; l < k; ++l) {
+        double v = double(rows(l, c));
+        for (Index j = 0; j < r; ++j) v += s * double(B(i, j)) * double(A(j, l));
+        sum += v * v;
+      }
+      set_dora_scale(sc, i, a.magnitude()(i), std::sqrt(sum));
+      ++c;
+    }
+  }
+
+  /// DoRA's forward with the active adapter a. With Z = W0 X + s B (A X) and c, 1/||W|| from
+  /// dora_scales:  H = c .* Z + b. The norms need W0 A^T (d x r): A^T rides along as r more columns
+  /// of the forward's own product, W0 [X, A^T], since a product of its own would pack all of W0
+  /// again for r columns. Under LoRA dropout PEFT feeds the dropped input Xd = M .* X to the scaled
+  /// base term as well:
+  ///   H = W0 X + b + (c - 1) .* (W0 Xd) + c .* (s B A Xd) = c .* Zd + b - W0 Xd + W0 X,
+  /// a second dense product, as in PEFT. In training mode the tape keeps Z / ||W|| and c.
+  void dora_forward(const Adapter& a, const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
+                    WorkspaceType& ws) const {
+    const Index d = out_features(), k = in_features(), n = X.cols(), r = a.rank();
+    auto sc = ws.get(Slot::DoraScales, d, 2);
+    const bool dropout = dropout_active();
+    // The product's input [X or Xd, A^T] (k x (n + r)): in training mode the tape's copy of X.
+    Eigen::Map<Matrix> Xe = training_ ? tape_begin(X, r) : ws.get(Slot::DoraInput, k, n + r);
+    if (!training_) Xe.leftCols(n) = X;
+    Xe.rightCols(r) = a.A().transpose();
+    auto He = ws.get(Slot::DoraOutput, d, n + r);  // [Z, W0 A^T]
+    if (dropout) {
+      draw_dropout_mask(n, [p = a.config().dropout](Index) { return p; });
+      auto Xd = ws.get(Slot::MaskedInput, k, n + r);
+      Xd.leftCols(n) = X.cwiseProduct(dropout_mask());
+      Xd.rightCols(r) = Xe.rightCols(r);
+      frozen_.multiply(Xd, He);  // [W0 Xd, W0 A^T]: (d x k)(k x (n + r))
+      dora_scales_from(a, He.rightCols(r), ws, sc);
+      if (training_) tape_record(active_, a, sc);
+      // H = s B A Xd + W0 Xd = Zd, then c .* Zd + b - W0 Xd, then + W0 X.
+      a.assign_forward(Xd.leftCols(n), H, ws.get(Slot::LowRank, r, n), Vector());
+      H += He.leftCols(n);
+      for (Index j = 0; j < n; ++j) dora_finish_column(H.col(j), sc, j, He.col(j));
+      frozen_.multiply_add(X, H);  // + W0 X: (d x k)(k x n)
+    } else {
+      a.assign_forward(X, He.leftCols(n), ws.get(Slot::LowRank, r, n), Vector());  // s B A X
+      He.rightCols(r).setZero();
+      frozen_.multiply_add(Xe, He);  // [Z, W0 A^T]: (d x k)(k x (n + r)), the cost of the layer
+      dora_scales_from(a, He.rightCols(r), ws, sc);
+      if (training_) tape_record(active_, a, sc);
+      for (Index j = 0; j < n; ++j) {
+        H.col(j) = He.col(j);
+        dora_finish_column(H.col(j), sc, training_ ? j : -1);
+      }
+    }
+  }
+
+  /// One column z of a DoRA output (Z, or Zd under dropout) becomes c .* z + b (minus W0 xd, the
+  /// `base` column, under dropout: the frozen product adds W0 x after); with tape_col >= 0 the tape
+  /// keeps z / ||W|| for dm. One pass over the column while it is in cache.
+  template <typename Col>
+  void dora_finish_column(Col z, const Eigen::Ref<const Matrix>& sc, Index tape_col) const {
+    if (tape_col >= 0) tape_direction().col(tape_col) = z.cwiseProduct(sc.col(1));
+    z = sc.col(0).cwiseProduct(z);
+    if (has_bias()) z += bias_;
+  }
+  template <typename Col, typename Base>
+  void dora_finish_column(Col z, const Eigen::Ref<const Matrix>& sc, Index tape_col,
+                          const Base& base) const {
+    dora_finish_column(z, sc, tape_col);
+    z -= base;
+  }
+
+  /// DoRA's backward over one group of columns (the whole batch, or one adapter's columns of a
+  /// mixed batch): Xin is the adapter's input (M .* X under dropout), X the batch as given to
+  /// forward, G the group's output gradient. With the norm held constant and Gc = c .* G:
+  ///   dm += rowsum(G .* Zn)   (Zn = Z / ||W||, from the tape or recomputed)
+  ///   dA, dB: LoRA's with Gc;   with dXa: dXa = s A^T (B^T Gc) (+ W0^T ((c - 1) .* G) under
+  ///   dropout, the scaled base term's share). Returns Gc (d x n, DoraScaledGrad slot; without
+  ///   dropout the caller's frozen product takes it: dX = W0^T Gc + dXa).
+  Eigen::Map<Matrix> dora_gradients(Adapter& ad, int index, const Eigen::Ref<const Matrix>& Xin,
+                                    const Eigen::Ref<const Matrix>& X,
+                                    const Eigen::Ref<const Matrix>& G,
+                                    const std::vector<int>* adapters, Eigen::Ref<Matrix>* dXa,
+                                    bool dropout, WorkspaceType& ws) {
+    const Index d = out_features(), n = Xin.cols(), r = ad.rank();
+    auto sc = ws.get(Slot::DoraScales, d, 2);
+    auto Gc = ws.get(Slot::DoraScaledGrad, d, n);
+    auto& dm = ad.grad_magnitude();
+    // One pass over the group's columns: dm += G .* Zn (summed over columns), Gc = c .* G.
+    auto scale_and_dm = [&](Index c, auto zn) {
+      dm.noalias() += G.col(c).cwiseProduct(zn);
+      Gc.col(c) = G.col(c).cwiseProduct(sc.col(0));
+    };
+    if (tape_fits(index, ad, X)) {
+      sc.col(0) = tape_[static_cast<std::size_t>(index)].c;
+      const auto tape = tape_direction();
+      if (adapters == nullptr) {
+        for (Index j = 0; j < n; ++j) scale_and_dm(j, tape.col(j));
+      } else {
+        for (Index j = 0, c = 0; j < X.cols(); ++j)
+          if ((*adapters)[static_cast<std::size_t>(j)] == index) scale_and_dm(c++, tape.col(j));
+      }
+    } else {
+      // No matching training-mode forward: one more dense product recomputes Z.
+      dora_scales(ad, ws, sc);
+      auto Zn = ws.get(Slot::DoraDirection, d, n);
+      ad.assign_forward(Xin, Zn, ws.get(Slot::LowRank, r, n), Vector());  // s B A Xin
+      frozen_.multiply_add(Xin, Zn);                                      // + W0 Xin
+      for (Index j = 0; j < n; ++j) scale_and_dm(j, Zn.col(j).cwiseProduct(sc.col(1)));
+    }
+    auto BtG = ws.get(Slot::BackProjected, r, n);
+    ad.accumulate_gradients(Xin, Gc, ws.get(Slot::LowRank, r, n), BtG);
+    if (dXa == nullptr) return Gc;
+    ad.assign_input_gradient(BtG, *dXa);  // s A^T (B^T Gc): (k x r)(r x n)
+    if (dropout) {
+      Gc.array() = G.array().colwise() * (sc.col(0).array() - T(1));
+      frozen_.multiply_transposed_add(Gc, *dXa);  // + W0^T ((c - 1) .* G): (k x d)(d x n)
+    }
+    return Gc;
+  }
+
+  // DoRA's tape: what a training-mode forward keeps for backward (the batch X, Z / ||W|| per
+  // column, and per adapter c and the values it was computed from). A backward uses it only when
+  // X and the adapter are unchanged, and recomputes otherwise: never a stale gradient.
+
+  void forget_tape() { tape_n_ = -1; }
+
+  /// Starts the tape of a forward over X and returns its copy of X, k x (n + extra): the extra
+  /// columns are the caller's (dora_forward puts A^T there for its product).
+  Eigen::Map<Matrix> tape_begin(const Eigen::Ref<const Matrix>& X, Index extra = 0) const {
+    const Index k = in_features(), n = X.cols();
+    if (tape_x_.size() < k * (n + extra)) tape_x_.resize(k * (n + extra));
+    if (tape_zn_.size() < out_features() * n) tape_zn_.resize(out_features() * n);
+    Eigen::Map<Matrix> Xe(tape_x_.data(), k, n + extra);
+    Xe.leftCols(n) = X;
+    if (tape_.size() < entries_.size()) tape_.resize(entries_.size());
+    for (auto& t : tape_) t.valid = false;
+    tape_n_ = n;
+    return Xe;
+  }
+
+  void tape_record(int index, const Adapter& a, const Eigen::Ref<const Matrix>& sc) const {
+    TapeEntry& t = tape_[static_cast<std::size_t>(index)];
+    t.valid = true;
+    t.scaling = a.scaling();
+    t.A = a.A();  // same shapes from step to step: no allocation
+    t.B = a.B();
+    t.m = a.magnitude();
+    t.c = sc.col(0);
+  }
+
+  Eigen::Map<Matrix> tape_direction() const {
+    return Eigen::Map<Matrix>(tape_zn_.data(), out_features(), tape_n_);
+  }
+
+  bool tape_fits(int index, const Adapter& a, const Eigen::Ref<const Matrix>& X) const {
+    if (tape_n_ != X.cols() || static_cast<std::size_t>(index) >= tape_.size()) return false;
+    const TapeEntry& t = tape_[static_cast<std::size_t>(index)];
+    return t.valid && t.scaling == a.scaling() && same(t.A, a.A()) && same(t.B, a.B()) &&
+           same(t.m, a.magnitude()) &&
+           Eigen::Map<const Matrix>(tape_x_.data(), in_features(), tape_n_) == X;
   }
 
   Frozen frozen_;
@@ -722,6 +1114,18 @@ class AdapterLayer {
   mutable Rng dropout_rng_{kDropoutSeedOffset};
   mutable Vector mask_storage_;
   mutable Index mask_rows_ = 0, mask_cols_ = 0;
+  // DoRA: ||row i of W0||^2 as stored, measured when the first DoRA adapter joins (W0 is frozen).
+  Eigen::VectorXd w0_sq_norms_;
+  // DoRA's tape, written by a training-mode forward (see tape_begin).
+  struct TapeEntry {
+    bool valid = false;
+    T scaling{};
+    Matrix A, B;
+    Vector m, c;
+  };
+  mutable std::vector<TapeEntry> tape_;  // per adapter index
+  mutable Vector tape_x_, tape_zn_;      // X (k x n) and Z / ||W|| (d x n), grown, never shrunk
+  mutable Index tape_n_ = -1;            // the batch on the tape; -1: none
 };
 
 }  // namespace lora

@@ -28,6 +28,12 @@ struct LoRAConfig {
   /// lora_dropout: probability p in [0, 1) of zeroing an element of the adapter's input in
   /// training mode (inverted dropout: kept elements are scaled by 1 / (1 - p)). 0 turns it off.
   double dropout = 0.0;
+  /// DoRA (weight-decomposed LoRA, arXiv 2402.09353; PEFT's `use_dora`): the adapter also learns a
+  /// magnitude m per output feature, and the layer computes
+  ///   H = (m / ||W0 + s B A||_row) .* (W0 X + s B A X) + b
+  /// with the row norms held constant in backward (see docs/dora.md). m starts as the row norms of
+  /// W0 when the adapter joins a layer, so the adapted layer starts equal to the base.
+  bool use_dora = false;
 
   /// s = alpha / r, or alpha / sqrt(r) with use_rslora (Eq. 4 of the paper scales B*A by it).
   double scaling() const {

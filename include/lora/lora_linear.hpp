@@ -26,8 +26,8 @@ namespace lora {
 /// The convenience calls (`forward(X)`, `backward(X, G)`) return new matrices; the out-parameter
 /// overloads write into caller-owned storage and take a Workspace, and allocate nothing once the
 /// workspace has grown to the batch size. const members are safe to call from many threads at
-/// once (a training-mode forward with dropout excepted: see train()); anything that changes the
-/// layer needs exclusive access.
+/// once (a training-mode forward with dropout or DoRA excepted: see train()); anything that
+/// changes the layer needs exclusive access.
 ///
 /// `Frozen` is the storage of W0 (DenseFrozenWeight<T> by default; Bf16FrozenWeight,
 /// onednn::OneDnnFrozenWeight, ...): see frozen_storage.hpp for what a storage provides. Its merge
@@ -81,6 +81,13 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
   Matrix& grad_A() { return adapter().grad_A(); }
   Matrix& grad_B() { return adapter().grad_B(); }
 
+  /// DoRA's magnitude m (length d; empty unless config().use_dora) and its gradient. Writing m
+  /// while merged is safe, as for A and B.
+  const Vector& magnitude() const { return adapter().magnitude(); }
+  Vector& magnitude() { return adapter().magnitude(); }
+  const Vector& grad_magnitude() const { return adapter().grad_magnitude(); }  ///< dL/dm
+  Vector& grad_magnitude() { return adapter().grad_magnitude(); }
+
   const Adapter& adapter() const { return Core::entry(0).adapter; }
   Adapter& adapter() { return Core::entry(0).adapter; }
 
@@ -100,10 +107,12 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
   /// MultiLoRALinear::set_active.)
   void replace_adapter(const Adapter& adapter) { Core::replace_adapter(kName, adapter); }
 
-  /// The trainable tensors as optimizer views: A, B and the lora bias when present.
+  /// The trainable tensors as optimizer views: A, B, and the lora bias or DoRA's magnitude when
+  /// present.
   std::vector<ParameterView<T>> parameters() { return adapter().parameters(); }
 
-  /// s * B * A as a dense d x k matrix (for inspection and export; training never forms it).
+  /// s * B * A as a dense d x k matrix (for inspection and export; training never forms it). For
+  /// DoRA this is the direction's update only; weight() after merge() is the whole adapted weight.
   Matrix delta_weight() const { return scaling() * B() * A(); }
 
  private:
@@ -118,8 +127,9 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
 };
 
 /// The layer's adapter as optimizer parameters: {A, grad_A} (r x k), {B, grad_B} (d x r) and, with
-/// a lora bias, {b_B, grad}. The views stay valid while the layer keeps its adapter's shapes
-/// (moving the layer is fine); see parameter.hpp. The frozen weight and bias are not included.
+/// a lora bias, {b_B, grad}; with DoRA, {m, grad_m} (d x 1). The views stay valid while the layer
+/// keeps its adapter's shapes (moving the layer is fine); see parameter.hpp. The frozen weight and
+/// bias are not included.
 template <typename T, typename F>
 std::vector<ParameterView<T>> adapter_parameters(LoRALinear<T, F>& layer) {
   return layer.parameters();

@@ -25,7 +25,7 @@ namespace lora {
 /// back bit for bit.
 ///
 /// const members may be called from many threads at once (a training-mode forward with dropout
-/// excepted); everything else needs exclusive access.
+/// or a DoRA adapter excepted); everything else needs exclusive access.
 template <typename T, typename Frozen = DenseFrozenWeight<T>>
 class MultiLoRALinear : public AdapterLayer<T, Frozen> {
   using Core = AdapterLayer<T, Frozen>;
@@ -68,12 +68,20 @@ class MultiLoRALinear : public AdapterLayer<T, Frozen> {
 
   /// PEFT's add_weighted_adapter: adds adapter `name` = sum_i weights[i] s_i B_i A_i of the named
   /// adapters, exact (Combination::Cat) or truncated to rank svd_rank (Combination::Svd; 0: the
-  /// largest input rank), computed from the factors (see combine_adapters). Returns it.
+  /// largest input rank), computed from the factors (see combine_adapters). Returns it. DoRA
+  /// adapters cannot be combined this way (their magnitudes scale each adapter's whole weight):
+  /// std::invalid_argument.
   Adapter& add_weighted_adapter(const std::string& name, const std::vector<std::string>& sources,
                                 const std::vector<double>& weights, Combination how,
                                 int svd_rank = 0) {
     std::vector<const Adapter*> parts;
-    for (const auto& s : sources) parts.push_back(&std::as_const(*this).adapter(s));
+    for (const auto& s : sources) {
+      parts.push_back(&std::as_const(*this).adapter(s));
+      detail::require(!parts.back()->uses_dora(),
+                      "MultiLoRALinear::add_weighted_adapter: adapter \"", s,
+                      "\" is a DoRA adapter; a weighted sum of B A updates does not combine DoRA's "
+                      "magnitudes");
+    }
     detail::require(!has_adapter(name),
                     "MultiLoRALinear::add_weighted_adapter: an adapter named \"", name,
                     "\" already exists");

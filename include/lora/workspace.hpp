@@ -17,6 +17,20 @@ enum class Slot : int {
   GatheredInput,   ///< k x n_a: the columns of one adapter in a mixed batch
   GatheredGrad,    ///< d x n_a: their output gradients
   GatheredOutput,  ///< d x n_a or k x n_a: one adapter's term before it is scattered back
+  // DoRA (see docs/dora.md): the row norms of W0 + s B A without a d x k matrix, and its backward.
+  DoraFactorT,     ///< A^T, k x r: A as the input of the storage's product
+  DoraProjected,   ///< W0 A^T, d x r
+  DoraGram,        ///< A A^T, r x r
+  DoraGramB,       ///< B (A A^T), d x r
+  DoraScales,      ///< d x 2 per adapter: c = m / ||W|| and 1 / ||W|| (row norms of W0 + s B A)
+  DoraRowSelect,   ///< d x q: unit vectors picking the q rows whose norm is recomputed exactly
+  DoraRows,        ///< k x q: those rows of W0, as stored
+  DoraScaledGrad,  ///< d x n: c .* G, the output gradient as the adapter's direction sees it
+  DoraDirection,   ///< d x n: (W0 X + s B A X) / ||W||, recomputed or gathered for dm
+  DoraBase,        ///< d x n: W0 (M .* X), the base term DoRA scales under LoRA dropout
+  DoraOutputGrad,  ///< d x n: G of a mixed batch with DoRA columns as c .* G, for W^T G
+  DoraInput,       ///< k x (n + r): [X, A^T], the forward's product input in evaluation mode
+  DoraOutput,      ///< d x (n + r): [W0 X + s B A X, W0 A^T], that product's output
   Count            ///< the number of slots (not a slot)
 };
 

@@ -289,7 +289,7 @@ struct AdapterConfig {
   bool fan_in_fan_out = false;  ///< the base layer stores W0 as in x out (GPT-2's Conv1D)
   std::string bias = "none";    ///< which base biases PEFT trains: only "none" is supported
   bool lora_bias = false;       ///< each lora_B carries a bias (`lora_B.bias`, length out)
-  bool use_dora = false;        ///< DoRA: not supported
+  bool use_dora = false;  ///< DoRA: each module also has a `lora_magnitude_vector` (length out)
   std::vector<std::string> modules_to_save;  ///< fully trained modules: not supported
   /// The file as read (empty for a config built in code): its other fields are written back
   /// unchanged by to_json.
@@ -431,7 +431,8 @@ struct AdapterConfig {
   }
 
   /// Throws FormatError naming the setting when the adapter needs something this library does not
-  /// implement: another PEFT method, DoRA, modules_to_save, or trained base biases.
+  /// implement: another PEFT method, modules_to_save, trained base biases, or DoRA with lora_bias
+  /// (which PEFT refuses too).
   void require_supported(const std::string& source = "adapter_config.json") const {
     auto refuse = [&source](const std::string& what) {
       throw FormatError("adapter config \"" + source + "\": " + what);
@@ -439,8 +440,8 @@ struct AdapterConfig {
     if (peft_type != "LORA")
       refuse("peft_type is " + io::quote_for_message(peft_type) +
              "; only LoRA adapters (\"LORA\") can be applied");
-    if (use_dora)
-      refuse("use_dora is true; DoRA adapters (a learned magnitude per output) are not supported");
+    if (use_dora && lora_bias)
+      refuse("use_dora (DoRA) and lora_bias are both true; PEFT does not support that combination");
     if (!modules_to_save.empty())
       refuse("modules_to_save lists " + std::to_string(modules_to_save.size()) +
              " fully trained module(s) (first: " + io::quote_for_message(modules_to_save.front()) +
@@ -472,7 +473,8 @@ struct AdapterConfig {
   int rank_for(const std::string& module) const;
   /// The alpha PEFT gives `module`: alpha_pattern's matching entry, else lora_alpha.
   double alpha_for(const std::string& module) const;
-  /// The LoRAConfig of `module`: its rank, alpha and use_rslora (scaling alpha/r or alpha/sqrt r).
+  /// The LoRAConfig of `module`: its rank, alpha, use_rslora (scaling alpha/r or alpha/sqrt r) and
+  /// use_dora.
   LoRAConfig lora_config_for(const std::string& module) const;
   /// True when target_modules selects `module` (always true when the file gave none).
   bool targets(const std::string& module) const;
@@ -624,6 +626,7 @@ class ModuleRules {
     c.rank = rank_for(module);
     c.alpha = alpha_for(module);
     c.use_rslora = config_->use_rslora;
+    c.use_dora = config_->use_dora;
     return c;
   }
 

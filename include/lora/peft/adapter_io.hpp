@@ -3,6 +3,8 @@
 //   base_model.model.<module path>.lora_A.weight   r x in
 //   base_model.model.<module path>.lora_B.weight   out x r
 //   base_model.model.<module path>.lora_B.bias     out        (lora_bias only)
+//   base_model.model.<module path>.lora_magnitude_vector  out  (use_dora only: DoRA's m, PEFT's
+//                                                               key has no ".weight" suffix)
 // The caller maps module paths ("model.layers.0.self_attn.q_proj") to its layers. Everything is
 // checked before any layer is touched: a module without a layer, a layer without a module, a shape
 // that does not fit, a rank that disagrees with the config, each throws a FormatError naming it.
@@ -86,7 +88,8 @@ inline bool ends_with(const std::string& s, const std::string& suffix) {
 inline std::optional<std::pair<std::string, std::string>> split_key(const std::string& key) {
   const std::string prefix = kKeyPrefix;
   if (key.compare(0, prefix.size(), prefix) != 0) return std::nullopt;
-  for (const char* suffix : {".lora_A.weight", ".lora_B.weight", ".lora_B.bias"}) {
+  for (const char* suffix :
+       {".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector"}) {
     if (ends_with(key, suffix) && key.size() > prefix.size() + std::string(suffix).size())
       return std::make_pair(
           key.substr(prefix.size(), key.size() - prefix.size() - std::string(suffix).size()),
@@ -131,6 +134,7 @@ LoRAAdapter<T> make_adapter(const io::SafeTensors& st, const AdapterConfig& conf
   const std::string a_key = key_of(module, "lora_A.weight");
   const std::string b_key = key_of(module, "lora_B.weight");
   const std::string bias_key = key_of(module, "lora_B.bias");
+  const std::string m_key = key_of(module, "lora_magnitude_vector");
   if (!st.contains(a_key)) throw fail("\"" + a_key + "\" is missing (lora_B is there)");
   if (!st.contains(b_key)) throw fail("\"" + b_key + "\" is missing (lora_A is there)");
   const auto& a = st.info(a_key).shape;
@@ -150,6 +154,10 @@ LoRAAdapter<T> make_adapter(const io::SafeTensors& st, const AdapterConfig& conf
         (key ? " (rank_pattern key " + io::quote_for_message(*key) + ")" : std::string(" (r)")) +
         " but lora_A is " + io::shape_to_string(a));
   }
+  if (config.use_dora != st.contains(m_key))
+    throw fail(config.use_dora
+                   ? "use_dora is true (DoRA) but " + io::quote_for_message(m_key) + " is missing"
+                   : io::quote_for_message(m_key) + " is present but use_dora (DoRA) is false");
   if (config.lora_bias != st.contains(bias_key))
     throw fail(config.lora_bias ? "lora_bias is true but \"" + bias_key + "\" is missing"
                                 : "\"" + bias_key + "\" is present but lora_bias is false");
@@ -188,6 +196,15 @@ LoRAAdapter<T> make_adapter(const io::SafeTensors& st, const AdapterConfig& conf
     if (!options.allow_non_finite) require_finite_tensor<T>(st, bias_key, v, source);
     adapter.set_lora_bias(v);
   }
+  if (config.use_dora) {
+    const auto& m = st.info(m_key).shape;
+    if (m.size() != 1 || m[0] != b[0])
+      throw fail("lora_magnitude_vector must have shape [" + std::to_string(b[0]) + "], got " +
+                 io::shape_to_string(m));
+    const auto v = st.vector<T>(m_key);
+    if (!options.allow_non_finite) require_finite_tensor<T>(st, m_key, v, source);
+    adapter.set_magnitude(v);
+  }
   return adapter;
 }
 
@@ -210,7 +227,8 @@ AdapterFile<T> parse_adapter(AdapterConfig config, const io::SafeTensors& weight
     if (!split)
       throw FormatError("PEFT adapter \"" + source + "\": unexpected key " +
                         io::quote_for_message(key) + "; expected " + kKeyPrefix +
-                        "<module>.lora_A.weight, .lora_B.weight or .lora_B.bias");
+                        "<module>.lora_A.weight, .lora_B.weight, .lora_B.bias or "
+                        ".lora_magnitude_vector");
     if (split->first.size() > kMaxModulePathLength)
       throw FormatError("PEFT adapter \"" + source + "\": a module path of " +
                         std::to_string(split->first.size()) + " characters exceeds the limit of " +
@@ -238,7 +256,7 @@ AdapterFile<T> parse_adapter(const std::string& config_json, std::vector<std::ui
 }
 
 /// Reads and checks a PEFT adapter directory without any layer: the config (refusing what cannot
-/// be applied: DoRA, modules_to_save, ...), then one LoRAAdapter<T> per module, with the rank and
+/// be applied: modules_to_save, ...), then one LoRAAdapter<T> per module, with the rank and
 /// scaling PEFT gives it (r / lora_alpha, rank_pattern / alpha_pattern, use_rslora). Tensors of
 /// any float dtype (F32, F16, BF16, F64) are converted to T. Throws FormatError, also for a
 /// scaling or a weight that is not finite in T (see ReadOptions for the weights).
@@ -439,6 +457,7 @@ AdapterConfig config_for(const std::map<std::string, const LoRAAdapter<T>*>& ada
   std::vector<std::string> modules;
   bool any_bias = false;
   const bool rslora = adapters.begin()->second->config().use_rslora;
+  const bool dora = adapters.begin()->second->uses_dora();
   std::map<std::pair<int, double>, int> votes;  // the most common (rank, alpha) is tried first
   std::map<std::string, int> ranks;
   std::map<std::string, double> alphas;
@@ -449,11 +468,16 @@ AdapterConfig config_for(const std::map<std::string, const LoRAAdapter<T>*>& ada
       throw std::invalid_argument("save_adapter: PEFT has one use_rslora per adapter, but module " +
                                   io::quote_for_message(path) + " differs from " +
                                   io::quote_for_message(adapters.begin()->first));
+    if (a->uses_dora() != dora)
+      throw std::invalid_argument("save_adapter: PEFT has one use_dora per adapter, but module " +
+                                  io::quote_for_message(path) + " differs from " +
+                                  io::quote_for_message(adapters.begin()->first));
     ++votes[{static_cast<int>(a->rank()), a->config().alpha}];
     ranks[path] = static_cast<int>(a->rank());
     alphas[path] = a->config().alpha;
   }
   c.use_rslora = rslora;
+  c.use_dora = dora;
   c.lora_bias = any_bias;
   std::vector<int> rank_defaults{c.r};
   std::vector<double> alpha_defaults{c.lora_alpha};
@@ -608,15 +632,16 @@ void require_finite_for_save(const std::string& key, const Eigen::MatrixBase<Der
 }  // namespace detail
 
 /// Writes `adapters` (module path -> adapter) as a PEFT adapter directory that
-/// PeftModel.from_pretrained loads: adapter_model.safetensors (PEFT's keys, metadata
-/// {"format": "pt"}) and adapter_config.json (ranks and alphas, with rank_pattern/alpha_pattern
-/// entries where modules differ). A module without a lora bias, in an adapter where others have
-/// one, gets a zero bias (PEFT's lora_bias is per adapter). Both files are fully built before
-/// either is written, and each is replaced atomically; a save that fails part-way leaves the
-/// directory as it was: the previous pair of files, or no new file (and no new directory: missing
-/// parent folders are created, and removed again when the save fails). Throws
-/// std::invalid_argument (what PEFT cannot express), std::domain_error (a non-finite weight, or one
-/// that `options.dtype` cannot hold) or io::WriteError. Returns the config written.
+/// PeftModel.from_pretrained loads: adapter_model.safetensors (PEFT's keys, with DoRA's
+/// lora_magnitude_vector for DoRA adapters, metadata {"format": "pt"}) and adapter_config.json
+/// (ranks and alphas, with rank_pattern/alpha_pattern entries where modules differ). A module
+/// without a lora bias, in an adapter where others have one, gets a zero bias (PEFT's lora_bias is
+/// per adapter). Both files are fully built before either is written, and each is replaced
+/// atomically; a save that fails part-way leaves the directory as it was: the previous pair of
+/// files, or no new file (and no new directory: missing parent folders are created, and removed
+/// again when the save fails). Throws std::invalid_argument (what PEFT cannot express),
+/// std::domain_error (a non-finite weight, or one that `options.dtype` cannot hold) or
+/// io::WriteError. Returns the config written.
 template <typename T>
 AdapterConfig write_adapter(const std::string& dir,
                             const std::map<std::string, const LoRAAdapter<T>*>& adapters,
@@ -648,6 +673,10 @@ AdapterConfig write_adapter(const std::string& dir,
         w.add_vector(key_of(path, "lora_B.bias"),
                      Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(a->out_features()), dtype);
       }
+    }
+    if (config.use_dora) {
+      detail::require_finite_for_save(key_of(path, "lora_magnitude_vector"), a->magnitude());
+      w.add_vector(key_of(path, "lora_magnitude_vector"), a->magnitude(), dtype);
     }
   }
   const std::vector<std::uint8_t> weights = w.serialize();
