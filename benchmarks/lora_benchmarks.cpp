@@ -16,6 +16,7 @@
 // oneDNN's own bf16 matmul on the same shapes (bf16 X^T (n x k) times W^T in the layout oneDNN
 // prefers on this CPU, f32 output, weight reordered before timing): the limit for the frozen
 // product; ...RowMajor the same with W^T in a plain row-major layout (no reorder).
+// "OneDnnPrepacked" = the fp32 oneDNN storage with onednn::WeightLayout::Prepacked.
 #include "alloc_counter.hpp"
 
 #include <lora/bf16_frozen_weight.hpp>
@@ -31,8 +32,8 @@
 
 #include <array>
 #include <cmath>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
 #include <memory>
 #include <string>
@@ -281,6 +282,13 @@ struct Bf16StridedFrozenWeight : lora::Bf16FrozenWeight {
 };
 
 #if defined(LORA_WITH_ONEDNN)
+/// The fp32 oneDNN storage with its weight prepacked (onednn::WeightLayout::Prepacked).
+struct OneDnnPrepackedFrozenWeight : lora::onednn::OneDnnFrozenWeight {
+  explicit OneDnnPrepackedFrozenWeight(Matrix W0)
+      : lora::onednn::OneDnnFrozenWeight(std::move(W0), lora::MergeMode::InPlace,
+                                         lora::onednn::WeightLayout::Prepacked) {}
+};
+
 /// oneDNN's bf16 matmul called directly: dst(n x d, f32) = src(n x k, bf16) * wei(k x d, bf16),
 /// the row-major view of H = W X. `prepacked`: the weight in the layout oneDNN picks for this CPU
 /// (format_tag::any, reordered once before timing); else plain row-major.
@@ -301,8 +309,8 @@ void onednn_matmul_bf16_reference(benchmark::State& state, bool prepacked) {
   Matrix H(s.d, s.n);
   const dnnl::memory::desc src_md(dims{s.n, s.k}, dt::bf16, tag::ab);
   const dnnl::memory::desc plain_md(dims{s.k, s.d}, dt::bf16, tag::ab);
-  const dnnl::memory::desc wei_md = prepacked ? dnnl::memory::desc(dims{s.k, s.d}, dt::bf16, tag::any)
-                                              : plain_md;
+  const dnnl::memory::desc wei_md =
+      prepacked ? dnnl::memory::desc(dims{s.k, s.d}, dt::bf16, tag::any) : plain_md;
   const dnnl::memory::desc dst_md(dims{s.n, s.d}, dt::f32, tag::ab);
   const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, wei_md, dst_md), eng);
   dnnl::memory plain(plain_md, eng, Wb.data());
@@ -380,6 +388,8 @@ int main(int argc, char** argv) {
   add("BM_DenseForwardBf16Strided", dense_forward<Bf16StridedFrozenWeight>);
   add("BM_TrainStepBf16Strided", train_step<Bf16StridedFrozenWeight>);
 #if defined(LORA_WITH_ONEDNN)
+  add("BM_DenseForwardOneDnnPrepacked", dense_forward<OneDnnPrepackedFrozenWeight>);
+  add("BM_TrainStepOneDnnPrepacked", train_step<OneDnnPrepackedFrozenWeight>);
   if (lora::Bf16FrozenWeight::onednn_available()) {
     add("BM_OneDnnMatmulBf16Reference", onednn_matmul_bf16_reference_packed);
     add("BM_OneDnnMatmulBf16ReferenceRowMajor", onednn_matmul_bf16_reference_row_major);

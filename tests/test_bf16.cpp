@@ -89,9 +89,8 @@ struct Problem {
     lora::LoRAConfig cfg;
     cfg.rank = sh.r;
     cfg.alpha = 2.0 * sh.r + 1.0;
-    Layer l(
-        lora::Bf16FrozenWeight(W, lora::MergeMode::ExactRestore, kernel.backend, kernel.layout), b,
-        cfg);
+    Layer l(lora::Bf16FrozenWeight(W, lora::MergeMode::ExactRestore, kernel.backend, kernel.layout),
+            b, cfg);
     l.set_adapter_weights(A, B);
     s = l.scaling();
     return l;
@@ -209,12 +208,13 @@ TEST_P(Bf16Test, UnmergeRestoresW0BitForBitAfter1000Cycles) {
   EXPECT_EQ(std::memcmp(H0.data(), H1.data(), sizeof(float) * H0.size()), 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, Bf16Test,
-    ::testing::Combine(::testing::ValuesIn(backends()), ::testing::Range(0, Bf16Test::kShapeCount)),
-    [](const auto& info) {
-      return name_of(std::get<0>(info.param)) + "_shape" + std::to_string(std::get<1>(info.param));
-    });
+INSTANTIATE_TEST_SUITE_P(Shapes, Bf16Test,
+                         ::testing::Combine(::testing::ValuesIn(backends()),
+                                            ::testing::Range(0, Bf16Test::kShapeCount)),
+                         [](const auto& info) {
+                           return name_of(std::get<0>(info.param)) + "_shape" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
 
 // lora's bf16 GEMV on its own, both kernels (AVX-512 where compiled in, and the portable loops),
 // against fp64: with W and X already bf16 values every product is exact, so the only error is
@@ -324,8 +324,7 @@ TEST(Bf16FrozenWeight, ReportsItsBackend) {
     // The implementation oneDNN chose ("brg:avx512_core_bf16", "brg:avx512_core_amx_bf16", ...)
     // is named, per product and among those in use in the process.
     EXPECT_NE(report.find("in use: "), std::string::npos) << report;
-    EXPECT_NE(products.find("dst(8 x 3) = src(8 x 2) * wei(2 x 3, prepacked): "),
-              std::string::npos)
+    EXPECT_NE(products.find("dst(8 x 3) = src(8 x 2) * wei(2 x 3, prepacked): "), std::string::npos)
         << products;
     const std::string impl = products.substr(products.find("prepacked): ") + 12);
     EXPECT_GT(impl.size(), 2u) << products;

@@ -163,8 +163,8 @@ inline void cols_block(const bf16* W, Index ldw, Index d, Index c0, Index c1, co
 
 /// The portable kernel of rows_add: the same order of work in plain loops (compilers vectorise
 /// the inner one). Always compiled, so that it is tested on every machine.
-inline void rows_add_portable(const bf16* W, Index ldw, Index k, Index i0, Index i1,
-                              const float* X, Index ldx, Index n, float* H, Index ldh) {
+inline void rows_add_portable(const bf16* W, Index ldw, Index k, Index i0, Index i1, const float* X,
+                              Index ldx, Index n, float* H, Index ldh) {
   for (Index b0 = i0; b0 < i1; b0 += kRowBlock) {
     const Index b1 = std::min(i1, b0 + kRowBlock);
     for (Index c = 0; c < k; ++c) {
@@ -209,8 +209,8 @@ inline void rows_add(const bf16* W, Index ldw, Index k, Index i0, Index i1, cons
 }
 
 /// The portable kernel of cols_add (one fp32 accumulator per dot product, in row order).
-inline void cols_add_portable(const bf16* W, Index ldw, Index d, Index c0, Index c1,
-                              const float* G, Index ldg, Index n, float* dX, Index ldx) {
+inline void cols_add_portable(const bf16* W, Index ldw, Index d, Index c0, Index c1, const float* G,
+                              Index ldg, Index n, float* dX, Index ldx) {
   for (Index c = c0; c < c1; ++c) {
     const bf16* w = W + c * ldw;
     for (Index j = 0; j < n; ++j) {
@@ -267,8 +267,8 @@ inline int gemv_threads(Index elements, int threads) {
 /// `accumulate`. Rows are split over up to `threads` OpenMP threads (detail::parallel_for).
 /// `portable` runs the plain loops even where the AVX-512 kernel is compiled in (for tests).
 inline void bf16_gemv(const bf16* W, Eigen::Index d, Eigen::Index k, const float* X,
-                      Eigen::Index ldx, Eigen::Index n, float* H, Eigen::Index ldh,
-                      bool accumulate, int threads, bool portable = false) {
+                      Eigen::Index ldx, Eigen::Index n, float* H, Eigen::Index ldh, bool accumulate,
+                      int threads, bool portable = false) {
   using gemv::Index;
   if (d == 0 || n == 0) return;
   const int parts = gemv::gemv_threads(d * k, threads);
@@ -287,9 +287,9 @@ inline void bf16_gemv(const bf16* W, Eigen::Index d, Eigen::Index k, const float
 
 /// dX += W^T Gr.   W: d x k bf16 (packed, column-major);  Gr: d x n (outer stride ldg), already
 /// rounded to bf16;  dX: k x n (outer stride ldx). Columns are split over up to `threads` threads.
-inline void bf16_gemv_transposed_add(const bf16* W, Eigen::Index d, Eigen::Index k,
-                                     const float* G, Eigen::Index ldg, Eigen::Index n, float* dX,
-                                     Eigen::Index ldx, int threads, bool portable = false) {
+inline void bf16_gemv_transposed_add(const bf16* W, Eigen::Index d, Eigen::Index k, const float* G,
+                                     Eigen::Index ldg, Eigen::Index n, float* dX, Eigen::Index ldx,
+                                     int threads, bool portable = false) {
   using gemv::Index;
   if (k == 0 || n == 0) return;
   const int parts = gemv::gemv_threads(d * k, threads);

@@ -111,6 +111,15 @@ inline bool bf16_matmul_supported() {
   return supported;
 }
 
+/// How a oneDNN storage hands its weight to oneDNN.
+enum class WeightLayout {
+  /// Read through strides from the storage's own column-major weight: no copy.
+  Strided,
+  /// A copy in the layout oneDNN prefers on this CPU (format_tag::any), made at the first product
+  /// and after each change of the weight: one copy per orientation used (W X; W^T G).
+  Prepacked,
+};
+
 /// One product's shape and layout: dst (M x N, row stride dst_ld) (+)= src (M x K, row stride
 /// src_ld) * wei (K x N, strides wei_s0 along K and wei_s1 along N).
 struct MatmulShape {
@@ -136,11 +145,11 @@ struct MatmulShape {
            packed_weights == o.packed_weights;
   }
 
-  /// "C^T(512 x 4096) += X^T(512 x 4096) W^T, weight prepacked": the product, for reports.
+  /// "dst(512 x 4096) += src(512 x 4096) * wei(4096 x 4096, prepacked)": the product, for reports.
   std::string describe() const {
     std::ostringstream out;
-    out << "dst(" << M << " x " << N << ")" << (accumulate ? " +=" : " =") << " src(" << M
-        << " x " << K << ") * wei(" << K << " x " << N << ", "
+    out << "dst(" << M << " x " << N << ")" << (accumulate ? " +=" : " =") << " src(" << M << " x "
+        << K << ") * wei(" << K << " x " << N << ", "
         << (packed_weights ? "prepacked" : (wei_s0 == 1 ? "column-major view" : "row-major view"))
         << ")";
     return out.str();

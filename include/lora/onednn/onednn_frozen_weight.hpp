@@ -4,6 +4,9 @@
 //   lora::LoRALinear<float, lora::onednn::OneDnnFrozenWeight>
 // Storage and merge are DenseFrozenWeight's own (a plain column-major Eigen matrix, which oneDNN
 // reads through strides); only the products change. Include explicitly and link lora::onednn.
+// WeightLayout::Prepacked (a constructor argument) has oneDNN multiply a copy of W in the layout it
+// prefers on this CPU instead, made at the first product and after each merge and unmerge: one
+// fp32 copy of W per orientation used (W X; W^T G).
 #pragma once
 
 #include "lora/dense_frozen_weight.hpp"
@@ -12,6 +15,7 @@
 #include <Eigen/Core>
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -26,16 +30,19 @@ class OneDnnFrozenWeight {
   using Index = Eigen::Index;
 
   /// Takes W0 (out x in); pass an rvalue to move it in.
-  explicit OneDnnFrozenWeight(Matrix W0, MergeMode mode = MergeMode::InPlace)
-      : dense_(std::move(W0), mode), cache_(std::make_unique<MatmulCache>()) {}
+  explicit OneDnnFrozenWeight(Matrix W0, MergeMode mode = MergeMode::InPlace,
+                              WeightLayout layout = WeightLayout::Strided)
+      : dense_(std::move(W0), mode), cache_(std::make_unique<MatmulCache>()), layout_(layout) {}
 
   // A copy shares no primitives: each copy builds its own cache on first use.
   OneDnnFrozenWeight(const OneDnnFrozenWeight& o)
-      : dense_(o.dense_), cache_(std::make_unique<MatmulCache>()) {}
+      : dense_(o.dense_), cache_(std::make_unique<MatmulCache>()), layout_(o.layout_) {}
   OneDnnFrozenWeight& operator=(const OneDnnFrozenWeight& o) {
     if (this != &o) {
       dense_ = o.dense_;
       cache_ = std::make_unique<MatmulCache>();
+      layout_ = o.layout_;
+      ++version_;
     }
     return *this;
   }
@@ -52,7 +59,15 @@ class OneDnnFrozenWeight {
   Matrix weight() const { return dense_.weight(); }
   bool all_finite() const { return dense_.all_finite(); }
   void row_norms(Eigen::Ref<Eigen::VectorXd> out) const { dense_.row_norms(out); }
-  std::size_t stored_bytes() const { return dense_.stored_bytes(); }
+  /// The weight, any merged copy, and the prepacked copies (WeightLayout::Prepacked).
+  std::size_t stored_bytes() const { return dense_.stored_bytes() + cache_->packed_bytes(); }
+  WeightLayout weight_layout() const { return layout_; }
+  /// One line per product run so far: its shape, layout and oneDNN's implementation string.
+  std::string product_report() const {
+    std::string out;
+    for (const std::string& line : cache_->report()) out += line + "\n";
+    return out;
+  }
 
   /// H = W * X.   X: k x n,  H: d x n.
   void multiply(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
@@ -71,10 +86,12 @@ class OneDnnFrozenWeight {
   void merge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
              const Eigen::Ref<const Vector>& g) {
     dense_.merge(s, B, A, g);
+    ++version_;  // a prepacked copy is remade at the next product
   }
   void unmerge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
                const Eigen::Ref<const Vector>& g) {
     dense_.unmerge(s, B, A, g);
+    ++version_;
   }
 
   /// What oneDNN runs on this CPU.
@@ -85,21 +102,24 @@ class OneDnnFrozenWeight {
     if (X.cols() == 0) return;
     const Matrix& W = dense_.matrix();
     cache_->run(product_shape(W.rows(), W.cols(), X.cols(), X.outerStride(), H.outerStride(),
-                              dt::f32, accumulate),
-                X.data(), W.data(), H.data());
+                              dt::f32, accumulate, layout_ == WeightLayout::Prepacked),
+                X.data(), W.data(), H.data(), version_);
   }
 
   void transposed_product(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX,
                           bool accumulate) const {
     if (G.cols() == 0) return;
     const Matrix& W = dense_.matrix();
-    cache_->run(transposed_product_shape(W.rows(), W.cols(), G.cols(), G.outerStride(),
-                                         dX.outerStride(), dt::f32, accumulate),
-                G.data(), W.data(), dX.data());
+    cache_->run(
+        transposed_product_shape(W.rows(), W.cols(), G.cols(), G.outerStride(), dX.outerStride(),
+                                 dt::f32, accumulate, layout_ == WeightLayout::Prepacked),
+        G.data(), W.data(), dX.data(), version_);
   }
 
   DenseFrozenWeight<float> dense_;
   std::unique_ptr<MatmulCache> cache_;  // primitives per shape; mutable state behind a mutex
+  WeightLayout layout_;
+  std::uint64_t version_ = 0;  // bumped when W changes (merge, unmerge): prepacked copies follow
 };
 
 }  // namespace lora::onednn
