@@ -16,7 +16,8 @@
 // oneDNN's own bf16 matmul on the same shapes (bf16 X^T (n x k) times W^T in the layout oneDNN
 // prefers on this CPU, f32 output, weight reordered before timing): the limit for the frozen
 // product; ...RowMajor the same with W^T in a plain row-major layout (no reorder).
-// "OneDnnPrepacked" = the fp32 oneDNN storage with onednn::WeightLayout::Prepacked.
+// "OneDnnStrided" = the fp32 oneDNN storage with onednn::WeightLayout::Strided ("OneDnn" is
+// prepacked, the default).
 #include "alloc_counter.hpp"
 
 #include <lora/bf16_frozen_weight.hpp>
@@ -282,11 +283,12 @@ struct Bf16StridedFrozenWeight : lora::Bf16FrozenWeight {
 };
 
 #if defined(LORA_WITH_ONEDNN)
-/// The fp32 oneDNN storage with its weight prepacked (onednn::WeightLayout::Prepacked).
-struct OneDnnPrepackedFrozenWeight : lora::onednn::OneDnnFrozenWeight {
-  explicit OneDnnPrepackedFrozenWeight(Matrix W0)
+/// The fp32 oneDNN storage reading its weight through strides (onednn::WeightLayout::Strided),
+/// for comparison with the default (prepacked).
+struct OneDnnStridedFrozenWeight : lora::onednn::OneDnnFrozenWeight {
+  explicit OneDnnStridedFrozenWeight(Matrix W0)
       : lora::onednn::OneDnnFrozenWeight(std::move(W0), lora::MergeMode::InPlace,
-                                         lora::onednn::WeightLayout::Prepacked) {}
+                                         lora::onednn::WeightLayout::Strided) {}
 };
 
 /// oneDNN's bf16 matmul called directly: dst(n x d, f32) = src(n x k, bf16) * wei(k x d, bf16),
@@ -388,8 +390,8 @@ int main(int argc, char** argv) {
   add("BM_DenseForwardBf16Strided", dense_forward<Bf16StridedFrozenWeight>);
   add("BM_TrainStepBf16Strided", train_step<Bf16StridedFrozenWeight>);
 #if defined(LORA_WITH_ONEDNN)
-  add("BM_DenseForwardOneDnnPrepacked", dense_forward<OneDnnPrepackedFrozenWeight>);
-  add("BM_TrainStepOneDnnPrepacked", train_step<OneDnnPrepackedFrozenWeight>);
+  add("BM_DenseForwardOneDnnStrided", dense_forward<OneDnnStridedFrozenWeight>);
+  add("BM_TrainStepOneDnnStrided", train_step<OneDnnStridedFrozenWeight>);
   if (lora::Bf16FrozenWeight::onednn_available()) {
     add("BM_OneDnnMatmulBf16Reference", onednn_matmul_bf16_reference_packed);
     add("BM_OneDnnMatmulBf16ReferenceRowMajor", onednn_matmul_bf16_reference_row_major);

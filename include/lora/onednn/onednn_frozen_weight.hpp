@@ -2,11 +2,13 @@
 // Keeps the frozen-storage contract (frozen_storage.hpp) as DenseFrozenWeight<float> does: use it
 // as
 //   lora::LoRALinear<float, lora::onednn::OneDnnFrozenWeight>
-// Storage and merge are DenseFrozenWeight's own (a plain column-major Eigen matrix, which oneDNN
-// reads through strides); only the products change. Include explicitly and link lora::onednn.
-// WeightLayout::Prepacked (a constructor argument) has oneDNN multiply a copy of W in the layout it
-// prefers on this CPU instead, made at the first product and after each merge and unmerge: one
-// fp32 copy of W per orientation used (W X; W^T G).
+// Storage and merge are DenseFrozenWeight's own (a plain column-major Eigen matrix); only the
+// products change. Include explicitly and link lora::onednn.
+// By default (WeightLayout::Prepacked) oneDNN multiplies a copy of W in the layout it prefers on
+// this CPU, made at the first product and again at the first product after each merge and
+// unmerge: one fp32 copy of W per orientation used (W X; W^T G once the layer trains). It is
+// faster than reading the stored weight through strides (WeightLayout::Strided, no copy) at every
+// batch size measured on a Zen 4, by far at small batches (docs/performance.md).
 #pragma once
 
 #include "lora/dense_frozen_weight.hpp"
@@ -31,7 +33,7 @@ class OneDnnFrozenWeight {
 
   /// Takes W0 (out x in); pass an rvalue to move it in.
   explicit OneDnnFrozenWeight(Matrix W0, MergeMode mode = MergeMode::InPlace,
-                              WeightLayout layout = WeightLayout::Strided)
+                              WeightLayout layout = WeightLayout::Prepacked)
       : dense_(std::move(W0), mode), cache_(std::make_unique<MatmulCache>()), layout_(layout) {}
 
   // A copy shares no primitives: each copy builds its own cache on first use.
