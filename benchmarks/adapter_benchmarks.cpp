@@ -1,11 +1,23 @@
 // Many adapters on one base (issue 3): adapter swap, and a mixed-adapter batch (8 adapters, 512
 // columns, d = k = 4096, r = 8) against a single-adapter forward of the same batch, all float.
+// Loading a PEFT adapter of 2,000 modules whose ranks and alphas differ from module to module
+// (one rank_pattern and one alpha_pattern key per module), against the same adapter with one rank
+// and alpha (no pattern): the cost of resolving the patterns, which once grew with modules x keys.
 //
 //   lora_adapter_benchmarks [--benchmark_filter=...]
 #include <lora/core.hpp>
 
-#include <benchmark/benchmark.h>
+#include <lora/peft/adapter_io.hpp>
 
+#include <unistd.h>
+
+#include <benchmark/benchmark.h>
+#include <nlohmann/json.hpp>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -106,6 +118,90 @@ void BM_SwapMerged(benchmark::State& state) {
   }
   l.disable();
 }
+
+// ---- loading a PEFT adapter of many modules
+// ------------------------------------------------------
+
+constexpr int kModules = 2000;
+
+enum class Patterns { None, Escaped, PlainPaths };
+
+/// A PEFT adapter directory of kModules small modules (16 x 16), written once per kind: `None`, one
+/// rank and alpha for all; `Escaped`, ranks 1..4 and alphas that differ from module to module, so
+/// that save_adapter writes an escaped full-path key (model\.layers\.0\.q_proj) per module to
+/// rank_pattern and to alpha_pattern; `PlainPaths`, the same with the keys written as plain paths
+/// (model.layers.0.q_proj, '.' then a regex wildcard), as hand-written and EVA configs have them.
+const std::string& adapter_dir(Patterns kind) {
+  static std::map<Patterns, std::string> dirs;
+  auto it = dirs.find(kind);
+  if (it != dirs.end()) return it->second;
+  const char* names[] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                         "gate_proj", "up_proj", "down_proj"};
+  std::vector<lora::LoRAAdapter<float>> adapters;
+  std::map<std::string, const lora::LoRAAdapter<float>*> by_path;
+  adapters.reserve(kModules);
+  lora::Rng rng(3);
+  for (int i = 0; i < kModules; ++i) {
+    lora::LoRAConfig cfg;
+    cfg.rank = kind == Patterns::None ? 4 : 1 + i % 4;
+    cfg.alpha = kind == Patterns::None ? 8 : 2.0 * cfg.rank + (i % 3);
+    cfg.seed = static_cast<std::uint64_t>(i);
+    adapters.emplace_back(16, 16, cfg);
+    lora::fill_normal(adapters.back().B(), rng, 0.0, 0.01);
+  }
+  for (int i = 0; i < kModules; ++i)
+    by_path["model.layers." + std::to_string(i / 7) + ".mlp." + names[i % 7]] =
+        &adapters[static_cast<std::size_t>(i)];
+  const std::string dir = (std::filesystem::temp_directory_path() /
+                           ("lora_bench_adapter_" + std::to_string(static_cast<int>(kind)) + "_" +
+                            std::to_string(::getpid())))
+                              .string();
+  lora::peft::write_adapter(dir, by_path);
+  if (kind == Patterns::PlainPaths) {  // unescape the keys: "a\.b" -> "a.b"
+    const std::string path = dir + "/adapter_config.json";
+    std::ifstream in(path);
+    nlohmann::json j = nlohmann::json::parse(in);
+    for (const char* field : {"rank_pattern", "alpha_pattern"}) {
+      nlohmann::json plain = nlohmann::json::object();
+      for (const auto& [k, v] : j[field].items()) {
+        std::string key;
+        for (char c : k)
+          if (c != '\\') key += c;
+        plain[key] = v;
+      }
+      j[field] = plain;
+    }
+    lora::io::write_file_atomically(path, j.dump(2));
+  }
+  std::atexit([] {
+    for (const auto& [k, d] : dirs) std::filesystem::remove_all(d);
+  });
+  return dirs.emplace(kind, dir).first->second;
+}
+
+/// read_adapter<float> of the whole directory: the config (patterns compiled once), every
+/// module's rank and alpha, and the weights. Counters: modules and pattern keys.
+void BM_LoadAdapter2000Modules(benchmark::State& state) {
+  const auto kind = static_cast<Patterns>(state.range(0));
+  const std::string& dir = adapter_dir(kind);
+  std::size_t keys = 0;
+  for (auto _ : state) {
+    const auto file = lora::peft::read_adapter<float>(dir);
+    keys = file.config.rank_pattern.size() + file.config.alpha_pattern.size();
+    benchmark::DoNotOptimize(file.modules.size());
+  }
+  state.counters["modules"] = kModules;
+  state.counters["pattern_keys"] = static_cast<double>(keys);
+  state.SetLabel(kind == Patterns::None      ? "one rank and alpha (baseline)"
+                 : kind == Patterns::Escaped ? "a rank and alpha key per module, escaped"
+                                             : "a rank and alpha key per module, plain paths");
+}
+
+BENCHMARK(BM_LoadAdapter2000Modules)
+    ->Arg(static_cast<int>(Patterns::None))
+    ->Arg(static_cast<int>(Patterns::Escaped))
+    ->Arg(static_cast<int>(Patterns::PlainPaths))
+    ->Unit(benchmark::kMillisecond);
 
 BENCHMARK(BM_BaseForward)->Unit(benchmark::kMillisecond)->MinTime(2.0);
 BENCHMARK(BM_SingleAdapterForward)->Unit(benchmark::kMillisecond)->MinTime(2.0);

@@ -107,6 +107,55 @@ TEST(FuzzRegressions, HostilePeftConfigsAreRefusedAndPathsAtTheLimitLoad) {
   EXPECT_NO_THROW(run("module-path-at-1024-limit-dot-star.bin"));
 }
 
+// Hostile files written by fuzz/regressions/make_regressions.py: each used to crash (a regex of
+// 20,000 nested groups), to load a silent infinity or NaN, or to be read ambiguously (a key twice,
+// a NUL byte that hid the rest of the header, bytes no tensor claims). Each is now refused with a
+// FormatError that says why.
+TEST(FuzzRegressions, HostileFilesAreRefusedSayingWhy) {
+  const fs::path peft = fs::path(LORA_FUZZ_DIR) / "regressions" / "peft_adapter";
+  const std::vector<std::pair<const char*, const char*>> adapters = {
+      {"target-modules-regex-20000-nested-groups.bin", "limited to 1024 characters"},
+      {"peft-type-null.bin", "peft_type must be a string"},
+      {"r-null.bin", "r must be a positive integer, got null"},
+      {"lora-alpha-1e40-for-float.bin", "lora_alpha = 1e+40"},
+      {"alpha-pattern-1e40-for-float.bin", "alpha_pattern[\"q\"] = 1e+40"},
+      {"f64-1e300-in-lora-A-for-float.bin", "beyond the range of float"},
+      {"nan-in-lora-B.bin", "holds nan at [1, 0]"},
+      {"config-nul-then-garbage.bin", "NUL byte"},
+      {"weights-duplicate-key.bin", "twice in one object"},
+  };
+  for (const auto& [name, part] : adapters) {
+    SCOPED_TRACE(name);
+    const auto bytes = lora::test::read_bytes((peft / name).string());
+    ASSERT_FALSE(bytes.empty());
+    try {
+      lora::fuzz::exercise_peft_adapter(bytes.data(), bytes.size(), peft_scratch());
+      ADD_FAILURE() << "accepted";
+    } catch (const FormatError& e) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
+  }
+  const fs::path st = fs::path(LORA_FUZZ_DIR) / "regressions" / "safetensors";
+  const std::vector<std::pair<const char*, const char*>> files = {
+      {"duplicate-key-last-would-win.safetensors", "key \"w\" twice"},
+      {"header-padded-with-nul-then-garbage.safetensors", "NUL byte"},
+      {"gap-between-tensors.safetensors", "belong to no tensor"},
+      {"bytes-after-the-last-tensor.safetensors", "after the last tensor"},
+      {"header-nested-100-deep.safetensors", "nests deeper than 64 levels"},
+  };
+  for (const auto& [name, part] : files) {
+    SCOPED_TRACE(name);
+    const auto bytes = lora::test::read_bytes((st / name).string());
+    ASSERT_FALSE(bytes.empty());
+    try {
+      lora::fuzz::exercise_safetensors(bytes.data(), bytes.size());
+      ADD_FAILURE() << "accepted";
+    } catch (const FormatError& e) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(FuzzRegressions, EveryPeftAdapterSeedIsAValidAdapter) {
   const auto files = files_in(fs::path(LORA_FUZZ_DIR) / "seeds" / "peft_adapter", ".bin");
   ASSERT_GE(files.size(), 6u);

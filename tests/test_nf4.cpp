@@ -343,8 +343,8 @@ void check_products_against_fp64(bool double_quant) {
   EXPECT_MATRIX_NEAR(H, H0.cast<double>() + Wq * Xq, 1e-5);
 
   Matrix dX(300, 7);
-  dX.setConstant(-5.0f);
-  w.multiply_transposed(G, dX);
+  dX.setZero();
+  w.multiply_transposed_add(G, dX);
   EXPECT_MATRIX_NEAR(dX, Wq.transpose() * Gq, 1e-5);
   dX = H0;
   w.multiply_transposed_add(G, dX);

@@ -2,8 +2,9 @@
 // (W0: d x k in a frozen storage, optional bias b) carrying a set of named LoRA adapters, one of
 // which may be active:
 //   H = W0 X + b + s B (A X)                      (the paper's Eq. 3, a column per sample)
-// LoRALinear (one adapter) and MultiLoRALinear (many, mixed batches) are faces of this class: each
-// exposes the part of it that suits its use, and every feature (dropout, train/eval, the
+// LoRALinear (one adapter) and MultiLoRALinear (many, mixed batches) are faces of this class: both
+// derive from it, the public members here are theirs, and MultiLoRALinear also makes public the
+// multi-adapter members (the "protected:" blocks). Every feature (dropout, train/eval, the
 // out-parameter API, merge modes, finite checks, parameter views, every frozen storage) is
 // written here once. docs/design.md describes the data flow.
 #pragma once
@@ -65,6 +66,11 @@ class AdapterLayer {
   using WorkspaceType = Workspace<T>;
   using FrozenStorage = Frozen;
 
+ protected:
+  // The multi-adapter part of the API (this block and the two below, marked "protected:"):
+  // MultiLoRALinear re-exports it with `using`; LoRALinear, a layer of one adapter, keeps it
+  // hidden. Everything public here is public in both faces, written once.
+
   /// Marks a column of a mixed batch that gets no adapter (the base output only).
   static constexpr int kNoAdapter = -1;
 
@@ -77,6 +83,7 @@ class AdapterLayer {
                     bias_.size());
   }
 
+ public:
   AdapterLayer(const AdapterLayer& o)
       : frozen_(o.frozen_),
         bias_(o.bias_),
@@ -110,6 +117,7 @@ class AdapterLayer {
   /// Frozen parameters: d * k, plus d with a bias.
   Index frozen_parameter_count() const { return out_features() * in_features() + bias_.size(); }
 
+ protected:
   // ---- adapters --------------------------------------------------------------------------------
 
   /// Adds a fresh adapter (A drawn as cfg says, B = 0) named `name` and returns it.
@@ -182,6 +190,7 @@ class AdapterLayer {
     return adapter(name).parameters(name + ".");
   }
 
+ public:
   /// Trainable parameters of every adapter: the sum of r * (d + k) (+ d with a lora bias).
   Index trainable_parameter_count() const {
     Index n = 0;
@@ -189,6 +198,7 @@ class AdapterLayer {
     return n;
   }
 
+ protected:
   // ---- the active adapter ----------------------------------------------------------------------
 
   /// Makes `name` the adapter forward and backward use. While unmerged this is O(1) and W0 is not
@@ -226,6 +236,7 @@ class AdapterLayer {
   /// The active adapter's name; throws std::logic_error when none is active.
   const std::string& active_name() const { return active_entry("active_name").name; }
 
+ public:
   // ---- training / evaluation mode (LoRA dropout) ------------------------------------------------
 
   /// Training mode (the default, as for a torch.nn.Module). With an adapter whose config().dropout
@@ -290,6 +301,7 @@ class AdapterLayer {
     frozen_.multiply_add(X, H);  // (d x k)(k x n): the cost of the layer
   }
 
+ protected:
   /// A mixed-adapter batch: column j of X goes through adapter `adapters[j]` (an adapter_index, or
   /// kNoAdapter for the base alone), whatever is active. One W0 X product serves the whole batch;
   /// each adapter's columns are gathered, multiplied by its low-rank factors and written back:
@@ -333,6 +345,7 @@ class AdapterLayer {
     frozen_.multiply_add(X, H);  // (d x k)(k x n)
   }
 
+ public:
   // ---- backward --------------------------------------------------------------------------------
 
   /// Accumulates the active adapter's gradients for G = dL/dH (d x n) and returns dL/dX (k x n):
@@ -390,6 +403,7 @@ class AdapterLayer {
     backward_without_input_grad(X, G, ws);
   }
 
+ protected:
   /// The backward of forward_mixed: each adapter accumulates its gradients from its own columns
   /// (exactly as if its columns had run alone), and dX = W0^T G + the adapters' terms (columns
   /// with kNoAdapter: W0^T G only). Throws std::logic_error while merged.
@@ -418,6 +432,7 @@ class AdapterLayer {
                     nullptr, ws);
   }
 
+ public:
   /// Sets the gradients of every adapter to zero.
   void zero_grad() {
     for (auto& e : entries_) e->adapter.zero_grad();

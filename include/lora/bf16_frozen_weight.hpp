@@ -26,9 +26,11 @@
 #pragma once
 
 #include "lora/detail/bf16.hpp"
+#include "lora/detail/bf16_backend.hpp"
 #include "lora/detail/bf16_gemv.hpp"
 #include "lora/detail/check.hpp"
 #include "lora/detail/finite.hpp"
+#include "lora/detail/frozen_storage_base.hpp"
 #include "lora/detail/gemm.hpp"
 #include "lora/detail/low_rank.hpp"
 #include "lora/frozen_storage.hpp"
@@ -69,13 +71,8 @@ enum class Bf16WeightLayout {
   Strided,
 };
 
-class Bf16FrozenWeight {
+class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, float> {
  public:
-  using Scalar = float;
-  using Matrix = Eigen::MatrixXf;
-  using Vector = Eigen::VectorXf;
-  using Index = Eigen::Index;
-
   /// Rounds W0 (out x in, fp32) to bf16 and stores it. `mode`: ExactRestore (the default) merges
   /// into a second bf16 buffer, InPlace into W0 itself (see the top of this file). Throws
   /// std::invalid_argument for an empty W0 or for Bf16Backend::OneDnn without oneDNN.
@@ -88,27 +85,9 @@ class Bf16FrozenWeight {
                     detail::shape_string(W0.rows(), W0.cols()));
     detail::to_bf16(W0, pristine_);
 #if defined(LORA_WITH_ONEDNN)
-    if (backend_ == Bf16Backend::OneDnn) onednn_ = std::make_unique<OneDnnState>();
+    if (backend_ == Bf16Backend::OneDnn) onednn_.create();
 #endif
   }
-
-  Bf16FrozenWeight(const Bf16FrozenWeight& o)
-      : pristine_(o.pristine_),
-        merged_(o.merged_),
-        is_merged_(o.is_merged_),
-        mode_(o.mode_),
-        backend_(o.backend_),
-        layout_(o.layout_) {
-#if defined(LORA_WITH_ONEDNN)
-    if (backend_ == Bf16Backend::OneDnn) onednn_ = std::make_unique<OneDnnState>();
-#endif
-  }
-  Bf16FrozenWeight& operator=(const Bf16FrozenWeight& o) {
-    if (this != &o) *this = Bf16FrozenWeight(o);
-    return *this;
-  }
-  Bf16FrozenWeight(Bf16FrozenWeight&&) noexcept = default;
-  Bf16FrozenWeight& operator=(Bf16FrozenWeight&&) noexcept = default;
 
   Index out_features() const {
     return pristine_.rows();
@@ -148,11 +127,7 @@ class Bf16FrozenWeight {
 
   /// True when this build has the oneDNN back end and the CPU runs its bf16 matmul.
   static bool onednn_available() {
-#if defined(LORA_WITH_ONEDNN)
-    return onednn::bf16_matmul_supported();
-#else
-    return false;
-#endif
+    return detail::onednn_bf16_available();
   }
 
   /// What Bf16Backend::Auto runs on this machine and why, e.g. "oneDNN 2.6.3, ISA
@@ -160,19 +135,15 @@ class Bf16FrozenWeight {
   /// Once products have run, it also lists the oneDNN implementations they use ("...; in use:
   /// brg:avx512_core_amx_bf16" where AMX runs them); product_report() details one weight's.
   static std::string backend_report() {
+    std::string report = detail::bf16_backend_report();
 #if defined(LORA_WITH_ONEDNN)
     if (onednn_available()) {
-      std::string report = onednn::runtime_report();
       const std::vector<std::string> seen = onednn::implementations_seen();
       for (std::size_t i = 0; i < seen.size(); ++i)
         report += (i == 0 ? "; in use: " : ", ") + seen[i];
-      return report;
     }
-    return "portable (oneDNN cannot run a bf16 matmul on this CPU: " + onednn::runtime_report() +
-           ")";
-#else
-    return std::string("portable (built without oneDNN); CPU avx512_bf16: ") + cpu_bf16_flag();
 #endif
+    return report;
   }
 
   /// What runs this weight's products: one line per product oneDNN has run for it (shape, layout
@@ -235,19 +206,6 @@ class Bf16FrozenWeight {
     return out;
   }
 
-  /// H = W * bf16(X), accumulated in fp32.   X: k x n,  H: d x n (must not alias X).
-  void multiply(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
-    product(X, H, false);
-  }
-  /// H += W * bf16(X).
-  void multiply_add(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
-    product(X, H, true);
-  }
-  /// dX += W^T * bf16(G), accumulated in fp32.   G: d x n,  dX: k x n.
-  void multiply_transposed_add(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
-    transposed_product(G, dX, true);
-  }
-
   /// W = round_bf16(diag(g) (W0 + s * B * A)) (B: d x r, A: r x k, g: d or empty), computed in
   /// fp32 one column panel at a time: beside W0 (ExactRestore; the second buffer is allocated on
   /// the first merge only) or over it (InPlace). Throws std::domain_error, leaving the weight as it
@@ -255,8 +213,7 @@ class Bf16FrozenWeight {
   /// above about 3.3962e38 to infinity, although fp32 holds it).
   void merge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
              const Eigen::Ref<const Vector>& g) {
-    detail::require_state(!is_merged_, "Bf16FrozenWeight::merge: a delta is already merged");
-    require_row_scale(g);
+    check_merge_call("Bf16FrozenWeight::merge", true, g);
     if (mode_ == MergeMode::ExactRestore) {
       merged_.resize(out_features(), in_features());
       for_each_merged_panel(s, B, A, g, &merged_);  // a refusal leaves W0 as it was
@@ -276,8 +233,7 @@ class Bf16FrozenWeight {
   /// the factors of the merge (InPlace).
   void unmerge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
                const Eigen::Ref<const Vector>& g) {
-    detail::require_state(is_merged_, "Bf16FrozenWeight::unmerge: nothing is merged");
-    require_row_scale(g);
+    check_merge_call("Bf16FrozenWeight::unmerge", false, g);
     if (mode_ == MergeMode::InPlace) {
       const Index d = out_features(), k = in_features();
       const Index panel = std::min<Index>(k, detail::panel_columns(d, 4, 8));
@@ -296,14 +252,10 @@ class Bf16FrozenWeight {
   }
 
  private:
+  friend class detail::FrozenStorageBase<Bf16FrozenWeight, float>;  // calls product()
+
   static bool bf16_finite(detail::bf16 h) {
     return (h & 0x7F80u) != 0x7F80u;
-  }
-
-  void require_row_scale(const Eigen::Ref<const Vector>& g) const {
-    detail::require(g.size() == 0 || g.size() == out_features(),
-                    "Bf16FrozenWeight: the row scale must have ", out_features(),
-                    " elements or none, got ", g.size());
   }
 
   /// Computes diag(g)(W0 + s B A) panel by panel in fp32 and, where `dst` is given, writes it
@@ -347,32 +299,8 @@ class Bf16FrozenWeight {
   }
 
   static Bf16Backend resolve(Bf16Backend wanted) {
-    if (wanted == Bf16Backend::Portable) return wanted;
-#if defined(LORA_WITH_ONEDNN)
-    if (onednn_available()) return Bf16Backend::OneDnn;
-    detail::require(wanted == Bf16Backend::Auto,
-                    "Bf16FrozenWeight: the oneDNN back end was requested, but oneDNN cannot run a "
-                    "bf16 matmul on this CPU (",
-                    onednn::runtime_report(), "); use Bf16Backend::Auto or Portable");
-    return Bf16Backend::Portable;
-#else
-    detail::require(wanted == Bf16Backend::Auto,
-                    "Bf16FrozenWeight: the oneDNN back end was requested, but lora was built "
-                    "without oneDNN; link the lora::onednn CMake target (Debian: apt-get install "
-                    "libdnnl-dev) or use Bf16Backend::Auto or Portable");
-    return Bf16Backend::Portable;
-#endif
+    return detail::resolve_bf16_backend(wanted, "Bf16FrozenWeight", "Bf16Backend");
   }
-
-#if !defined(LORA_WITH_ONEDNN)
-  static const char* cpu_bf16_flag() {
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
-    return __builtin_cpu_supports("avx512bf16") ? "yes" : "no";
-#else
-    return "unknown";
-#endif
-  }
-#endif
 
   /// A per-thread, grow-only fp32 buffer (slot 0..2): const products may run on many threads at
   /// once, and a steady-state call allocates nothing.
@@ -490,7 +418,7 @@ class Bf16FrozenWeight {
       return input.data();
     }
   };
-  std::unique_ptr<OneDnnState> onednn_;
+  detail::FreshOnCopy<OneDnnState> onednn_;  // a copy gets its own primitives
 #endif
 };
 

@@ -7,8 +7,9 @@
 //   lora/peft.hpp                 safetensors and PEFT adapter files (lora::peft: nlohmann-json)
 //   lora/mpi.hpp                  data-parallel training (lora::mpi: MPI)
 //   lora/lora.hpp                 everything but MPI and oneDNN (lora::peft)
-// The bf16 and NF4 storages are left out here because their non-template products instantiate Eigen's
-// matrix kernels in every file that includes it (about 2.5 times the parse cost of Eigen/Core).
+// The bf16 and NF4 storages are left out here because their non-template products instantiate
+// Eigen's matrix kernels in every file that includes it (about 2.5 times the parse cost of
+// Eigen/Core).
 #pragma once
 
 #include "lora/adapter.hpp"

@@ -5,6 +5,7 @@
 
 #include "lora/detail/check.hpp"
 #include "lora/detail/finite.hpp"
+#include "lora/detail/frozen_storage_base.hpp"
 #include "lora/detail/gemm.hpp"
 #include "lora/detail/low_rank.hpp"
 #include "lora/frozen_storage.hpp"
@@ -18,12 +19,14 @@
 namespace lora {
 
 template <typename T>
-class DenseFrozenWeight {
+class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>, T> {
+  using Base = detail::FrozenStorageBase<DenseFrozenWeight<T>, T>;
+  friend Base;  // calls product() and transposed_product()
+
  public:
-  using Scalar = T;
-  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
-  using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
-  using Index = Eigen::Index;
+  using typename Base::Index;
+  using typename Base::Matrix;
+  using typename Base::Vector;
 
   /// Takes W0 (out x in, like torch.nn.Linear.weight); pass an rvalue to move it in. `mode` says
   /// how unmerge() restores W0 (InPlace, PEFT's way, is the default).
@@ -61,24 +64,6 @@ class DenseFrozenWeight {
     out = out.cwiseSqrt();
   }
 
-  /// H = W * X.   W: d x k,  X: k x n,  H: d x n (overwritten; must not alias X).
-  /// On Eigen::nbThreads() threads when compiled with OpenMP.
-  void multiply(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
-    H.setZero();  // as Eigen's own H = W * X does
-    detail::gemm_add(H, weight_, X, T(1));
-  }
-
-  /// H += W * X. Eigen's `H = W * X` zeroes H and then accumulates into it, so starting H with
-  /// other terms and accumulating costs the same as the plain product.
-  void multiply_add(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
-    detail::gemm_add(H, weight_, X, T(1));  // (d x k)(k x n)
-  }
-
-  /// dX += W^T * G (W^T is a transposed view: no copy of W is made).
-  void multiply_transposed_add(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
-    detail::gemm_add(dX, weight_.transpose(), G, T(1));  // (k x d)(d x n)
-  }
-
   /// W = diag(g) (W0 + s B A) (B: d x r, A: r x k, g: d or empty for none), without a d x k
   /// temporary in the common case. ExactRestore builds it in a second buffer beside W0.
   /// Throws std::domain_error, leaving the weight as it was, where the result is not finite
@@ -87,8 +72,7 @@ class DenseFrozenWeight {
   /// the sum aside and checks it first.
   void merge(T s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
              const Eigen::Ref<const Vector>& g) {
-    detail::require_state(!merged_, "DenseFrozenWeight::merge: a delta is already merged");
-    require_row_scale(g);
+    this->check_merge_call("DenseFrozenWeight::merge", true, g);
     if (mode_ == MergeMode::ExactRestore) {
       spare_.resize(weight_.rows(), weight_.cols());  // allocates on the first merge only
       build(spare_, s, B, A, g);
@@ -120,8 +104,7 @@ class DenseFrozenWeight {
   /// W = diag(1/g) W - s B A with the factors of the merge.
   void unmerge(T s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
                const Eigen::Ref<const Vector>& g) {
-    detail::require_state(merged_, "DenseFrozenWeight::unmerge: nothing is merged");
-    require_row_scale(g);
+    this->check_merge_call("DenseFrozenWeight::unmerge", false, g);
     if (mode_ == MergeMode::ExactRestore) {
       weight_.swap(spare_);
     } else {
@@ -132,10 +115,19 @@ class DenseFrozenWeight {
   }
 
  private:
-  void require_row_scale(const Eigen::Ref<const Vector>& g) const {
-    detail::require(g.size() == 0 || g.size() == out_features(),
-                    "DenseFrozenWeight: the row scale must have ", out_features(),
-                    " elements or none, got ", g.size());
+  /// H = W X, or H += W X.   W: d x k,  X: k x n,  H: d x n. On Eigen::nbThreads() threads when
+  /// compiled with OpenMP. (Eigen's own H = W X zeroes H, then accumulates: starting H with other
+  /// terms and accumulating costs the same as the plain product.)
+  void product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H, bool accumulate) const {
+    if (!accumulate) H.setZero();
+    detail::gemm_add(H, weight_, X, T(1));  // (d x k)(k x n)
+  }
+
+  /// dX (+)= W^T G: W^T is a transposed view, no copy of W is made.   G: d x n,  dX: k x n.
+  void transposed_product(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX,
+                          bool accumulate) const {
+    if (!accumulate) dX.setZero();
+    detail::gemm_add(dX, weight_.transpose(), G, T(1));  // (k x d)(d x n)
   }
 
   /// dst = diag(g) (W + s B A), where W is the weight now (W0); dst may be weight_ itself.

@@ -1,7 +1,8 @@
 // LoRALinear<T, Frozen>: a frozen linear layer W0 (d x k) with one trainable low-rank adapter,
 //   H = W0 X + b + s B (A X)          (the paper's Eq. 3, with a column per sample)
 // The face of AdapterLayer (adapter_layer.hpp) for one adapter: everything the layer does is
-// implemented there, once, for this face and MultiLoRALinear alike.
+// implemented there, once, for this face and MultiLoRALinear alike; the multi-adapter part of
+// AdapterLayer's API stays hidden here.
 #pragma once
 
 #include "lora/adapter.hpp"
@@ -33,17 +34,14 @@ namespace lora {
 /// mode is chosen when the storage is built; a layer built from a plain W0 uses the storage's
 /// default.
 template <typename T, typename Frozen = DenseFrozenWeight<T>>
-class LoRALinear : protected AdapterLayer<T, Frozen> {
+class LoRALinear : public AdapterLayer<T, Frozen> {
   using Core = AdapterLayer<T, Frozen>;
 
  public:
   using typename Core::Adapter;
-  using typename Core::FrozenStorage;
   using typename Core::Index;
   using typename Core::Matrix;
-  using typename Core::Scalar;
   using typename Core::Vector;
-  using typename Core::WorkspaceType;
 
   /// Wraps the frozen weight W0 (d x k); pass an rvalue to move it in instead of copying.
   explicit LoRALinear(Matrix W0, const LoRAConfig& config = LoRAConfig{})
@@ -63,34 +61,8 @@ class LoRALinear : protected AdapterLayer<T, Frozen> {
     Core::set_active(kName);
   }
 
-  // The frozen side, modes, forward/backward, merge and health: see AdapterLayer.
-  using Core::bias;
-  using Core::frozen;
-  using Core::frozen_parameter_count;
-  using Core::has_bias;
-  using Core::in_features;
-  using Core::out_features;
-  using Core::weight;
-
-  using Core::dropout_active;
-  using Core::dropout_mask;
-  using Core::eval;
-  using Core::is_training;
-  using Core::seed_dropout;
-  using Core::train;
-
-  using Core::backward;
-  using Core::backward_without_input_grad;
-  using Core::forward;
-  using Core::zero_grad;
-
-  using Core::is_merged;
-  using Core::merge;
-  using Core::unmerge;
-
-  using Core::all_finite;
-  using Core::check_finite;
-  using Core::trainable_parameter_count;
+  // The frozen side, modes, forward and backward, merge and health are AdapterLayer's public
+  // members; this face adds the accessors of its one adapter.
 
   // ---- the adapter -----------------------------------------------------------------------------
 
@@ -115,7 +87,7 @@ class LoRALinear : protected AdapterLayer<T, Frozen> {
   /// Replaces A (r x k) and B (d x r), e.g. with loaded values; throws std::logic_error while
   /// merged.
   void set_adapter_weights(const Eigen::Ref<const Matrix>& A, const Eigen::Ref<const Matrix>& B) {
-    detail::require_state(!is_merged(),
+    detail::require_state(!this->is_merged(),
                           "LoRALinear::set_adapter_weights: the layer is merged; call unmerge() "
                           "first");
     adapter().set_weights(A, B);

@@ -27,18 +27,14 @@ namespace lora {
 /// const members may be called from many threads at once (a training-mode forward with dropout
 /// excepted); everything else needs exclusive access.
 template <typename T, typename Frozen = DenseFrozenWeight<T>>
-class MultiLoRALinear : protected AdapterLayer<T, Frozen> {
+class MultiLoRALinear : public AdapterLayer<T, Frozen> {
   using Core = AdapterLayer<T, Frozen>;
 
  public:
   using Core::kNoAdapter;
   using typename Core::Adapter;
-  using typename Core::FrozenStorage;
-  using typename Core::Index;
   using typename Core::Matrix;
-  using typename Core::Scalar;
   using typename Core::Vector;
-  using typename Core::WorkspaceType;
 
   /// Wraps W0 (d x k; pass an rvalue to move it in), with an optional frozen bias of length d.
   explicit MultiLoRALinear(Matrix W0, Vector bias = Vector())
@@ -49,14 +45,8 @@ class MultiLoRALinear : protected AdapterLayer<T, Frozen> {
   explicit MultiLoRALinear(Frozen frozen, Vector bias = Vector())
       : Core(std::move(frozen), std::move(bias), "MultiLoRALinear") {}
 
-  using Core::bias;
-  using Core::frozen;
-  using Core::frozen_parameter_count;
-  using Core::has_bias;
-  using Core::in_features;
-  using Core::out_features;
-  using Core::weight;
-
+  // The multi-adapter part of AdapterLayer's API (protected there), public here; the rest of
+  // AdapterLayer's public members are this class's by inheritance.
   using Core::adapter;
   using Core::adapter_count;
   using Core::adapter_index;
@@ -66,34 +56,15 @@ class MultiLoRALinear : protected AdapterLayer<T, Frozen> {
   using Core::parameters;
   using Core::remove_adapter;
   using Core::replace_adapter;
-  using Core::trainable_parameter_count;
 
   using Core::active_name;
   using Core::disable;
   using Core::has_active;
   using Core::set_active;
 
-  using Core::dropout_active;
-  using Core::dropout_mask;
-  using Core::eval;
-  using Core::is_training;
-  using Core::seed_dropout;
-  using Core::train;
-
-  using Core::backward;
   using Core::backward_mixed;
   using Core::backward_mixed_without_input_grad;
-  using Core::backward_without_input_grad;
-  using Core::forward;
   using Core::forward_mixed;
-  using Core::zero_grad;
-
-  using Core::is_merged;
-  using Core::merge;
-  using Core::unmerge;
-
-  using Core::all_finite;
-  using Core::check_finite;
 
   /// PEFT's add_weighted_adapter: adds adapter `name` = sum_i weights[i] s_i B_i A_i of the named
   /// adapters, exact (Combination::Cat) or truncated to rank svd_rank (Combination::Svd; 0: the

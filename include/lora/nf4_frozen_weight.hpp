@@ -34,8 +34,10 @@
 #pragma once
 
 #include "lora/detail/bf16.hpp"
+#include "lora/detail/bf16_backend.hpp"
 #include "lora/detail/check.hpp"
 #include "lora/detail/finite.hpp"
+#include "lora/detail/frozen_storage_base.hpp"
 #include "lora/detail/gemm.hpp"
 #include "lora/detail/nf4.hpp"
 #include "lora/frozen_storage.hpp"
@@ -77,12 +79,8 @@ struct Nf4Options {
   Nf4Backend backend = Nf4Backend::Auto;
 };
 
-class Nf4FrozenWeight {
+class Nf4FrozenWeight : public detail::FrozenStorageBase<Nf4FrozenWeight, float> {
  public:
-  using Scalar = float;
-  using Matrix = Eigen::MatrixXf;
-  using Vector = Eigen::VectorXf;
-  using Index = Eigen::Index;
   /// Quantizes W0 (out x in, fp32). Throws std::invalid_argument for an empty W0, for
   /// MergeMode::InPlace (see the top of this file) or for Nf4Backend::OneDnn without oneDNN, and
   /// std::domain_error for a NaN or infinite element of W0.
@@ -100,35 +98,13 @@ class Nf4FrozenWeight {
     backend_ = resolve(options.backend);
     quantize(W0);
 #if defined(LORA_WITH_ONEDNN)
-    if (backend_ == Nf4Backend::OneDnn) onednn_ = std::make_unique<OneDnnState>();
+    if (backend_ == Nf4Backend::OneDnn) onednn_.create();
 #endif
   }
 
   /// As above with MergeMode::ExactRestore.
   Nf4FrozenWeight(const Eigen::Ref<const Matrix>& W0, Nf4Options options)
       : Nf4FrozenWeight(W0, MergeMode::ExactRestore, options) {}
-
-  Nf4FrozenWeight(const Nf4FrozenWeight& o)
-      : d_(o.d_),
-        k_(o.k_),
-        blocks_(o.blocks_),
-        double_quant_(o.double_quant_),
-        codes_(o.codes_),
-        absmax_(o.absmax_),
-        scales_(o.scales_),
-        merged_(o.merged_),
-        is_merged_(o.is_merged_),
-        backend_(o.backend_) {
-#if defined(LORA_WITH_ONEDNN)
-    if (backend_ == Nf4Backend::OneDnn) onednn_ = std::make_unique<OneDnnState>();
-#endif
-  }
-  Nf4FrozenWeight& operator=(const Nf4FrozenWeight& o) {
-    if (this != &o) *this = Nf4FrozenWeight(o);
-    return *this;
-  }
-  Nf4FrozenWeight(Nf4FrozenWeight&&) noexcept = default;
-  Nf4FrozenWeight& operator=(Nf4FrozenWeight&&) noexcept = default;
 
   Index out_features() const {
     return d_;
@@ -151,23 +127,13 @@ class Nf4FrozenWeight {
 
   /// True when this build has the oneDNN back end and the CPU runs its bf16 matmul.
   static bool onednn_available() {
-#if defined(LORA_WITH_ONEDNN)
-    return onednn::bf16_matmul_supported();
-#else
-    return false;
-#endif
+    return detail::onednn_bf16_available();
   }
 
-  /// What Nf4Backend::Auto runs on this machine, e.g. "oneDNN 2.7.3, ISA avx512_core_bf16
-  /// (vdpbf16ps)" or "portable (built without oneDNN)".
+  /// What Nf4Backend::Auto runs on this machine, e.g. "oneDNN 2.6.3, ISA avx512_core_bf16
+  /// (vdpbf16ps)" or "portable (built without oneDNN); CPU avx512_bf16: yes".
   static std::string backend_report() {
-#if defined(LORA_WITH_ONEDNN)
-    if (onednn_available()) return onednn::runtime_report();
-    return "portable (oneDNN cannot run a bf16 matmul on this CPU: " + onednn::runtime_report() +
-           ")";
-#else
-    return "portable (built without oneDNN)";
-#endif
+    return detail::bf16_backend_report();
   }
 
   // ---- the packed weight ----------------------------------------------------------------------
@@ -282,23 +248,6 @@ class Nf4FrozenWeight {
 
   // ---- products -------------------------------------------------------------------------------
 
-  /// H = W X.   X: k x n,  H: d x n (overwritten; must not alias X).
-  void multiply(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
-    product(X, H, false);
-  }
-  /// H += W X.
-  void multiply_add(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
-    product(X, H, true);
-  }
-  /// dX = W^T G.   G: d x n,  dX: k x n (overwritten; must not alias G).
-  void multiply_transposed(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
-    transposed_product(G, dX, false);
-  }
-  /// dX += W^T G.
-  void multiply_transposed_add(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
-    transposed_product(G, dX, true);
-  }
-
   // ---- merge ----------------------------------------------------------------------------------
 
   /// W = diag(g) (dequant(W0) + s B A), built in fp32 beside the packed W0 (d*k*4 bytes).
@@ -306,7 +255,7 @@ class Nf4FrozenWeight {
   /// std::domain_error, leaving the weight as it was, when an element is not finite in fp32.
   void merge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
              const Eigen::Ref<const Vector>& g = Vector()) {
-    detail::require_state(!is_merged_, "Nf4FrozenWeight::merge: a delta is already merged");
+    check_merge_call("Nf4FrozenWeight::merge", true, g);
     merged_ = build_merged("Nf4FrozenWeight::merge", s, B, A, g);
     is_merged_ = true;
   }
@@ -315,13 +264,15 @@ class Nf4FrozenWeight {
   /// are not needed). Throws std::logic_error when nothing is merged.
   void unmerge(float /*s*/, const Eigen::Ref<const Matrix>& /*B*/,
                const Eigen::Ref<const Matrix>& /*A*/,
-               const Eigen::Ref<const Vector>& /*g*/ = Vector()) {
-    detail::require_state(is_merged_, "Nf4FrozenWeight::unmerge: nothing is merged");
+               const Eigen::Ref<const Vector>& g = Vector()) {
+    check_merge_call("Nf4FrozenWeight::unmerge", false, g);
     merged_ = Matrix();
     is_merged_ = false;
   }
 
  private:
+  friend class detail::FrozenStorageBase<Nf4FrozenWeight, float>;  // calls product()
+
   static constexpr Index kBlock = detail::nf4::kBlock;
   // Panels: at most 256 rows (columns) and about 2^20 elements (4 MiB in fp32, 2 MiB in bf16).
   static constexpr Index kMaxPanel = 256;
@@ -402,21 +353,7 @@ class Nf4FrozenWeight {
   }
 
   static Nf4Backend resolve(Nf4Backend wanted) {
-    if (wanted == Nf4Backend::Portable) return wanted;
-#if defined(LORA_WITH_ONEDNN)
-    if (onednn_available()) return Nf4Backend::OneDnn;
-    detail::require(wanted == Nf4Backend::Auto,
-                    "Nf4FrozenWeight: the oneDNN back end was requested, but oneDNN cannot run a "
-                    "bf16 matmul on this CPU (",
-                    onednn::runtime_report(), "); use Nf4Backend::Auto or Portable");
-    return Nf4Backend::Portable;
-#else
-    detail::require(wanted == Nf4Backend::Auto,
-                    "Nf4FrozenWeight: the oneDNN back end was requested, but lora was built "
-                    "without oneDNN; link the lora::onednn CMake target (Debian: apt-get install "
-                    "libdnnl-dev) or use Nf4Backend::Auto or Portable");
-    return Nf4Backend::Portable;
-#endif
+    return detail::resolve_bf16_backend(wanted, "Nf4FrozenWeight", "Nf4Backend");
   }
 
   /// A per-thread, grow-only fp32 panel: const products may run on many threads at once, and a
@@ -506,7 +443,7 @@ class Nf4FrozenWeight {
         caches.push_back(std::make_unique<onednn::MatmulCache>());
     }
   };
-  std::unique_ptr<OneDnnState> onednn_;
+  detail::FreshOnCopy<OneDnnState> onednn_;  // a copy gets its own primitives
 
   /// Per-thread, grow-only bf16 buffers (slot 0: the rounded input, slot 1: the weight panel).
   static detail::bf16* buffer_bf16(int slot, Index count) {

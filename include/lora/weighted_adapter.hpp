@@ -24,7 +24,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace lora {
@@ -39,7 +42,7 @@ enum class Combination {
 /// `svd_rank` (Svd; 0 means the largest input rank, PEFT's default). All adapters must be for the
 /// same d x k weight. Throws std::invalid_argument for empty or mismatched inputs, a non-finite
 /// weight, or a rank the layer cannot hold (Cat: sum of ranks <= min(d, k); Svd: 1 <= t <= sum of
-/// ranks).
+/// ranks), and std::domain_error when the combination is not finite in T (weights too large).
 template <typename T>
 LoRAAdapter<T> combine_adapters(const std::vector<const LoRAAdapter<T>*>& adapters,
                                 const std::vector<double>& weights, Combination how,
@@ -129,6 +132,21 @@ LoRAAdapter<T> combine_adapters(const std::vector<const LoRAAdapter<T>*>& adapte
       if (adapters[i]->has_lora_bias()) b += ws[i] * adapters[i]->lora_bias();
     out.set_lora_bias(b);
   }
+  // Large weights (1e300, or {1e30, -1e30} whose products cancel only in exact arithmetic)
+  // overflow T somewhere above; an adapter holding inf or NaN would then be added and used.
+  auto require_finite = [&](const auto& m, const char* name) {
+    if (m.allFinite()) return;
+    std::ostringstream w;
+    for (std::size_t i = 0; i < adapters.size(); ++i)
+      w << (i ? ", " : "") << weights[i] << " x " << adapters[i]->scaling();
+    throw std::domain_error(
+        detail::concat(where, ": the combined adapter's ", name, " is not finite in ",
+                       (std::is_same_v<T, float> ? "float" : "double"),
+                       " (weights x scalings: ", w.str(), "); scale the weights down"));
+  };
+  require_finite(out.A(), "A");
+  require_finite(out.B(), "B");
+  if (any_bias) require_finite(out.lora_bias(), "lora bias");
   return out;
 }
 

@@ -5,6 +5,8 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
+#include <cstdint>
 #include <ostream>
 #include <sstream>
 #include <stdexcept>
@@ -75,18 +77,75 @@ bool all_finite(const Eigen::MatrixBase<Derived>& m) {
   return m.allFinite();
 }
 
-/// True when the coefficients of a and b (column-major, inner stride 1) share memory: an output
-/// that overlaps an input would be overwritten while still being read.
+/// The bytes an Eigen matrix or block covers, as `count` runs of `length` bytes whose starts are
+/// `stride` bytes apart (a column-major block: one run per column, stride = outer stride).
+struct MemorySpan {
+  std::intptr_t begin = 0, length = 0, stride = 0;
+  Eigen::Index count = 0;
+};
+
+template <typename M>
+MemorySpan memory_span(const M& m) {
+  // Element (i, j) is at data + i * rowStride + j * colStride (Eigen's strides, which account for
+  // the storage order and for vectors). Runs go along the direction of stride 1.
+  const auto elem = static_cast<std::intptr_t>(sizeof(typename M::Scalar));
+  const auto rs = static_cast<std::intptr_t>(m.rowStride());
+  const auto cs = static_cast<std::intptr_t>(m.colStride());
+  const bool along_rows = !(rs == 1 || m.rows() == 1) && (cs == 1 || m.cols() == 1);
+  const Eigen::Index runs = along_rows ? m.rows() : m.cols();
+  const Eigen::Index per_run = along_rows ? m.cols() : m.rows();
+  const std::intptr_t step = along_rows ? cs : rs;    // within a run (1 unless odd strides)
+  const std::intptr_t stride = along_rows ? rs : cs;  // from one run to the next
+  MemorySpan s;
+  s.begin = reinterpret_cast<std::intptr_t>(m.data());
+  // A step other than 1 spreads a run out: cover its whole extent (conservative).
+  s.length = (static_cast<std::intptr_t>(per_run - 1) * step + 1) * elem;
+  s.stride = stride * elem;
+  s.count = runs;
+  if (s.stride <= 0) s.count = 1;  // every run at the same address (a zero stride)
+  return s;
+}
+
+/// floor(a / b) for b > 0.
+inline std::intptr_t floor_div(std::intptr_t a, std::intptr_t b) {
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+/// True when a run of `a` and a run of `b` share a byte. Walks the span with fewer runs and, for
+/// each run [lo, hi), finds the runs c of `b` with begin + c stride < hi and
+/// begin + c stride + length > lo: O(min(a.count, b.count)).
+inline bool spans_intersect(MemorySpan a, MemorySpan b) {
+  if (a.count > b.count) std::swap(a, b);
+  for (Eigen::Index c = 0; c < a.count; ++c) {
+    const std::intptr_t lo = a.begin + static_cast<std::intptr_t>(c) * a.stride;
+    const std::intptr_t hi = lo + a.length;
+    if (b.count == 1) {
+      if (lo < b.begin + b.length && b.begin < hi) return true;
+      continue;
+    }
+    std::intptr_t first = floor_div(lo - b.begin - b.length, b.stride) + 1;
+    std::intptr_t last = floor_div(hi - b.begin - 1, b.stride);
+    first = std::max<std::intptr_t>(first, 0);
+    last = std::min<std::intptr_t>(last, static_cast<std::intptr_t>(b.count) - 1);
+    if (first <= last) return true;
+  }
+  return false;
+}
+
+/// True when a and b share a coefficient's memory: an output that overlaps an input would be
+/// overwritten while still being read. Two blocks of one matrix whose bounding address ranges
+/// interleave but that share no element (S.topRows(5) and S.bottomRows(5)) do not overlap.
 template <typename A, typename B>
 bool overlaps(const A& a, const B& b) {
   if (a.size() == 0 || b.size() == 0) return false;
-  const auto* a0 = reinterpret_cast<const char*>(a.data());
-  const auto* b0 = reinterpret_cast<const char*>(b.data());
-  const auto* a1 =
-      reinterpret_cast<const char*>(a.data() + (a.cols() - 1) * a.outerStride() + a.rows());
-  const auto* b1 =
-      reinterpret_cast<const char*>(b.data() + (b.cols() - 1) * b.outerStride() + b.rows());
-  return a0 < b1 && b0 < a1;
+  const MemorySpan sa = memory_span(a), sb = memory_span(b);
+  // Fast path: the bounding ranges are apart (distinct matrices, the usual case).
+  const std::intptr_t a_end =
+      sa.begin + (static_cast<std::intptr_t>(sa.count) - 1) * sa.stride + sa.length;
+  const std::intptr_t b_end =
+      sb.begin + (static_cast<std::intptr_t>(sb.count) - 1) * sb.stride + sb.length;
+  if (a_end <= sb.begin || b_end <= sa.begin) return false;
+  return spans_intersect(sa, sb);
 }
 
 template <typename Out, typename In, typename W = const char*>

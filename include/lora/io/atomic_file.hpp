@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstddef>
@@ -60,6 +61,22 @@ inline std::string folder_of(const std::string& path) {
   return path.substr(0, slash);
 }
 
+/// A new name in the folder of `target`: `<target's name>.<tag>.<pid>.<n>`, with the target's
+/// name cut short where the whole would pass the file system's name limit (NAME_MAX, 255 bytes on
+/// most), so that any valid target has one.
+inline std::string sibling_name(const std::string& target, const char* tag) {
+  static std::atomic<unsigned> counter{0};
+  const auto slash = target.find_last_of('/');
+  const std::string name = slash == std::string::npos ? target : target.substr(slash + 1);
+  const long limit = ::pathconf(folder_of(target).c_str(), _PC_NAME_MAX);
+  const std::size_t name_max = limit > 0 ? static_cast<std::size_t>(limit) : 255;
+  const std::string suffix = std::string(".") + tag + "." + std::to_string(::getpid()) + "." +
+                             std::to_string(counter.fetch_add(1));
+  const std::size_t keep = name_max > suffix.size() ? name_max - suffix.size() : 0;
+  const std::string base = name.substr(0, std::min(name.size(), keep)) + suffix;
+  return slash == std::string::npos ? base : target.substr(0, slash + 1) + base;
+}
+
 /// Closes and removes the temporary file unless released (the rename succeeded).
 class TempFile {
  public:
@@ -71,12 +88,11 @@ class TempFile {
     if (!path_.empty()) ::unlink(path_.c_str());
   }
 
-  /// Creates a fresh file beside `target` (O_EXCL: never reuses an existing name).
+  /// Creates a fresh file beside `target` (O_EXCL: never reuses an existing name); see
+  /// sibling_name.
   void create(const std::string& target) {
-    static std::atomic<unsigned> counter{0};
     for (int attempt = 0; attempt < 100; ++attempt) {
-      const std::string candidate = target + ".tmp." + std::to_string(::getpid()) + "." +
-                                    std::to_string(counter.fetch_add(1));
+      const std::string candidate = sibling_name(target, "tmp");
       const int fd = ::open(candidate.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
       if (fd >= 0) {
         fd_ = fd;

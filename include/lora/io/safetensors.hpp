@@ -6,6 +6,8 @@
 #pragma once
 
 #include "lora/io/dtype.hpp"
+#include "lora/io/format_error.hpp"
+#include "lora/io/read_file.hpp"
 
 #include <Eigen/Core>
 #include <nlohmann/json.hpp>
@@ -16,6 +18,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -24,11 +27,12 @@
 
 namespace lora::io {
 
-/// A file that is not a valid safetensors file, or does not hold what the caller asked for.
-class FormatError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+/// `s` in double quotes for an error message; a name or pattern longer than 200 characters is cut
+/// to its first 200, followed by its length (a hostile name may be megabytes long).
+inline std::string quote_for_message(const std::string& s, std::size_t keep = 200) {
+  if (s.size() <= keep) return "\"" + s + "\"";
+  return "\"" + s.substr(0, keep) + "...\" (" + std::to_string(s.size()) + " characters)";
+}
 
 inline std::string shape_to_string(const std::vector<std::int64_t>& shape) {
   std::ostringstream s;
@@ -62,18 +66,15 @@ struct TensorInfo {
 /// The largest header the reference implementation accepts (100 MB): a longer one is an attack or
 /// a corrupt length, not a real file.
 inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;
+/// The deepest nesting a header may have. Real headers nest 3 levels ({name: {shape: [...]}}).
+inline constexpr int kMaxHeaderDepth = 64;
 
 /// A safetensors file held in memory.
 class SafeTensors {
  public:
   /// Reads and validates the file at `path`.
   static SafeTensors load(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw FormatError("safetensors: cannot open \"" + path + "\" for reading");
-    std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(in)),
-                                    std::istreambuf_iterator<char>());
-    if (in.bad()) throw FormatError("safetensors: read error in \"" + path + "\"");
-    return parse(std::move(bytes), path);
+    return parse(read_file(path, "safetensors"), path);
   }
 
   /// Validates `bytes` as a safetensors file; `source` names it in error messages.
@@ -102,7 +103,7 @@ class SafeTensors {
   const TensorInfo& info(const std::string& name) const {
     auto it = tensors_.find(name);
     if (it == tensors_.end())
-      throw FormatError("safetensors: \"" + source_ + "\" has no tensor \"" + name + "\"");
+      throw FormatError("safetensors: \"" + source_ + "\" has no tensor " + quoted(name));
     return it->second;
   }
 
@@ -200,10 +201,38 @@ class SafeTensors {
     data_start_ = 8 + static_cast<std::size_t>(n);
     const std::size_t data_size = bytes_.size() - data_start_;
 
+    // JSON has no raw NUL byte, and nlohmann's parser would stop at one and ignore the rest.
+    const auto nul = std::find(bytes_.begin() + 8, bytes_.begin() + static_cast<long>(data_start_),
+                               std::uint8_t{0});
+    if (nul != bytes_.begin() + static_cast<long>(data_start_))
+      fail("header has a NUL byte at offset " + std::to_string(nul - bytes_.begin()) +
+           " (pad a header with spaces)");
+
     nlohmann::json header;
     try {
-      header = nlohmann::json::parse(bytes_.begin() + 8,
-                                     bytes_.begin() + static_cast<long>(data_start_));
+      // Refused while parsing (the parser is iterative; json::dump() and deep copies are not): a
+      // nesting deeper than kMaxHeaderDepth, and a key twice in one object (the parser would keep
+      // the last silently; the reference implementation refuses it).
+      std::vector<std::set<std::string>> keys;  // one per open object
+      header = nlohmann::json::parse(
+          bytes_.begin() + 8, bytes_.begin() + static_cast<long>(data_start_),
+          [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+            using Event = nlohmann::json::parse_event_t;
+            // An object or array opened below `depth` enclosing ones is at level depth + 1.
+            if ((event == Event::object_start || event == Event::array_start) &&
+                depth >= kMaxHeaderDepth)
+              fail("header nests deeper than " + std::to_string(kMaxHeaderDepth) + " levels");
+            if (event == Event::object_start) {
+              keys.emplace_back();
+            } else if (event == Event::object_end) {
+              keys.pop_back();
+            } else if (event == Event::key && !keys.empty()) {
+              const auto& key = parsed.get_ref<const std::string&>();
+              if (!keys.back().insert(key).second)
+                fail("header has the key " + quoted(key) + " twice in one object");
+            }
+            return true;
+          });
     } catch (const nlohmann::json::exception& e) {
       fail(std::string("header is not valid JSON: ") + e.what());
     }
@@ -213,7 +242,7 @@ class SafeTensors {
       if (key == "__metadata__") {
         if (!value.is_object()) fail("__metadata__ must be an object of strings");
         for (const auto& [mk, mv] : value.items()) {
-          if (!mv.is_string()) fail("__metadata__ value of \"" + mk + "\" must be a string");
+          if (!mv.is_string()) fail("__metadata__ value of " + quoted(mk) + " must be a string");
           metadata_[mk] = mv.get<std::string>();
         }
         continue;
@@ -221,17 +250,32 @@ class SafeTensors {
       tensors_[key] = parse_entry(key, value, data_size);
     }
 
-    // Tensors must not share bytes (the format requires disjoint spans).
+    // The format indexes the whole data section, without holes or shared bytes ("this prevents
+    // the creation of polyglot files"); the reference implementation refuses both, and so does
+    // this reader: bytes that no tensor claims would be data that no check looks at.
     std::vector<std::pair<const std::string*, const TensorInfo*>> spans;
-    for (const auto& [name, info] : tensors_)
-      if (info.end > info.begin) spans.emplace_back(&name, &info);
-    std::sort(spans.begin(), spans.end(),
-              [](const auto& a, const auto& b) { return a.second->begin < b.second->begin; });
+    for (const auto& [name, info] : tensors_) spans.emplace_back(&name, &info);
+    std::sort(spans.begin(), spans.end(), [](const auto& a, const auto& b) {
+      return std::make_pair(a.second->begin, a.second->end) <
+             std::make_pair(b.second->begin, b.second->end);
+    });
     for (std::size_t i = 1; i < spans.size(); ++i)
       if (spans[i].second->begin < spans[i - 1].second->end)
-        fail("tensors \"" + *spans[i - 1].first + "\" and \"" + *spans[i].first +
-             "\" overlap in the data section");
+        fail("tensors " + quoted(*spans[i - 1].first) + " and " + quoted(*spans[i].first) +
+             " overlap in the data section");
+    std::size_t expected = 0;
+    for (const auto& [name, info] : spans) {
+      if (info->begin > expected)
+        fail("bytes " + std::to_string(expected) + " to " + std::to_string(info->begin) +
+             " of the data section belong to no tensor (the format allows no holes)");
+      expected = info->end;
+    }
+    if (expected != data_size)
+      fail(std::to_string(data_size - expected) + " bytes after the last tensor belong to no " +
+           "tensor (the data section is " + std::to_string(data_size) + " bytes)");
   }
+
+  static std::string quoted(const std::string& s) { return quote_for_message(s); }
 
   /// A JSON value from the file, for an error message: its text when short and flat, otherwise
   /// only its type and size. json::dump() recurses once per nesting level, so dumping a hostile
@@ -249,7 +293,7 @@ class SafeTensors {
 
   TensorInfo parse_entry(const std::string& name, const nlohmann::json& v,
                          std::size_t data_size) const {
-    const std::string where = "tensor \"" + name + "\": ";
+    const std::string where = "tensor " + quoted(name) + ": ";
     if (!v.is_object()) fail(where + "entry must be an object");
     for (const char* field : {"dtype", "shape", "data_offsets"})
       if (!v.contains(field)) fail(where + "missing \"" + field + "\"");

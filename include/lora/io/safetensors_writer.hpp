@@ -13,9 +13,11 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -63,33 +65,54 @@ inline int dtype_sort_rank(DType t) {
   return 0;
 }
 
+/// Appends v converted to `dtype`; returns false when a finite v became an infinity (beyond the
+/// dtype's range: 65504 for F16, about 3.4e38 for F32 and BF16).
 template <typename Scalar>
-void append_value(std::vector<std::uint8_t>& out, DType dtype, Scalar v) {
+bool append_value(std::vector<std::uint8_t>& out, DType dtype, Scalar v) {
   static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
                 "safetensors writer: tensors must hold float or double");
   auto put = [&out](const auto& x) {
     const auto* b = reinterpret_cast<const std::uint8_t*>(&x);
     out.insert(out.end(), b, b + sizeof x);
   };
+  const bool finite = std::isfinite(v);
   switch (dtype) {
     case DType::F64:
       put(static_cast<double>(v));
-      break;
-    case DType::F32:
-      put(static_cast<float>(v));
-      break;  // IEEE: round to nearest even
-    case DType::F16:
-      put(std::is_same_v<Scalar, double> ? double_to_f16(static_cast<double>(v))
-                                         : float_to_f16(static_cast<float>(v)));
-      break;
-    case DType::BF16:
-      put(std::is_same_v<Scalar, double> ? double_to_bf16(static_cast<double>(v))
-                                         : float_to_bf16(static_cast<float>(v)));
-      break;
+      return true;
+    case DType::F32: {
+      const auto f = static_cast<float>(v);  // IEEE: round to nearest even
+      put(f);
+      return !finite || std::isfinite(f);
+    }
+    case DType::F16: {
+      const std::uint16_t h = std::is_same_v<Scalar, double> ? double_to_f16(static_cast<double>(v))
+                                                             : float_to_f16(static_cast<float>(v));
+      put(h);
+      return !finite || (h & 0x7c00u) != 0x7c00u;
+    }
+    case DType::BF16: {
+      const std::uint16_t h = std::is_same_v<Scalar, double>
+                                  ? double_to_bf16(static_cast<double>(v))
+                                  : float_to_bf16(static_cast<float>(v));
+      put(h);
+      return !finite || (h & 0x7f80u) != 0x7f80u;
+    }
     default:
       throw std::invalid_argument(std::string("safetensors writer: cannot write dtype ") +
                                   dtype_name(dtype) + "; use F64, F32, F16 or BF16");
   }
+}
+
+/// Throws std::domain_error: a finite value of tensor `name` at `index` overflows `dtype`.
+[[noreturn]] inline void throw_overflow(const std::string& name, const std::string& index,
+                                        double value, DType dtype) {
+  std::ostringstream s;
+  s.precision(17);
+  s << "safetensors writer: tensor " << quote_for_message(name) << " holds " << value << " at "
+    << index << ", beyond the range of " << dtype_name(dtype)
+    << " (it would be stored as infinity); scale the values or save a wider dtype";
+  throw std::domain_error(s.str());
 }
 
 }  // namespace detail
@@ -104,14 +127,19 @@ class SafeTensorsWriter {
  public:
   /// Adds a 2-D tensor of shape [rows, cols] holding m (converted to `dtype`, F16/BF16 rounded to
   /// nearest even). Throws std::invalid_argument for a duplicate or empty name or a dtype other
-  /// than F64/F32/F16/BF16.
+  /// than F64/F32/F16/BF16, and std::domain_error (naming the tensor and the index) for a finite
+  /// value that the dtype cannot hold (1e5 in F16 would be stored as infinity). Non-finite values
+  /// are stored as they are.
   template <typename Derived>
   void add(const std::string& name, const Eigen::MatrixBase<Derived>& m, DType dtype) {
     Entry e = start(name, dtype,
                     {static_cast<std::int64_t>(m.rows()), static_cast<std::int64_t>(m.cols())});
     e.bytes.reserve(static_cast<std::size_t>(m.size()) * dtype_size(dtype));
     for (Eigen::Index i = 0; i < m.rows(); ++i)  // row-major, as PyTorch stores it
-      for (Eigen::Index j = 0; j < m.cols(); ++j) detail::append_value(e.bytes, dtype, m(i, j));
+      for (Eigen::Index j = 0; j < m.cols(); ++j)
+        if (!detail::append_value(e.bytes, dtype, m(i, j)))
+          detail::throw_overflow(name, "[" + std::to_string(i) + ", " + std::to_string(j) + "]",
+                                 static_cast<double>(m(i, j)), dtype);
     tensors_.emplace(name, std::move(e));
   }
 
@@ -122,7 +150,10 @@ class SafeTensorsWriter {
       throw std::invalid_argument("safetensors writer: \"" + name + "\" must be a vector, got " +
                                   std::to_string(v.rows()) + " x " + std::to_string(v.cols()));
     Entry e = start(name, dtype, {static_cast<std::int64_t>(v.size())});
-    for (Eigen::Index i = 0; i < v.size(); ++i) detail::append_value(e.bytes, dtype, v(i));
+    for (Eigen::Index i = 0; i < v.size(); ++i)
+      if (!detail::append_value(e.bytes, dtype, v(i)))
+        detail::throw_overflow(name, "[" + std::to_string(i) + "]", static_cast<double>(v(i)),
+                               dtype);
     tensors_.emplace(name, std::move(e));
   }
 

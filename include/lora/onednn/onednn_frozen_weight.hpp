@@ -12,6 +12,7 @@
 #pragma once
 
 #include "lora/dense_frozen_weight.hpp"
+#include "lora/detail/frozen_storage_base.hpp"
 #include "lora/onednn/matmul.hpp"
 
 #include <Eigen/Core>
@@ -24,32 +25,14 @@
 
 namespace lora::onednn {
 
-class OneDnnFrozenWeight {
+class OneDnnFrozenWeight : public lora::detail::FrozenStorageBase<OneDnnFrozenWeight, float> {
  public:
-  using Scalar = float;
-  using Matrix = Eigen::MatrixXf;
-  using Vector = Eigen::VectorXf;
-  using Index = Eigen::Index;
-
   /// Takes W0 (out x in); pass an rvalue to move it in.
   explicit OneDnnFrozenWeight(Matrix W0, MergeMode mode = MergeMode::InPlace,
                               WeightLayout layout = WeightLayout::Prepacked)
-      : dense_(std::move(W0), mode), cache_(std::make_unique<MatmulCache>()), layout_(layout) {}
-
-  // A copy shares no primitives: each copy builds its own cache on first use.
-  OneDnnFrozenWeight(const OneDnnFrozenWeight& o)
-      : dense_(o.dense_), cache_(std::make_unique<MatmulCache>()), layout_(o.layout_) {}
-  OneDnnFrozenWeight& operator=(const OneDnnFrozenWeight& o) {
-    if (this != &o) {
-      dense_ = o.dense_;
-      cache_ = std::make_unique<MatmulCache>();
-      layout_ = o.layout_;
-      ++version_;
-    }
-    return *this;
+      : dense_(std::move(W0), mode), layout_(layout) {
+    cache_.create();
   }
-  OneDnnFrozenWeight(OneDnnFrozenWeight&&) noexcept = default;
-  OneDnnFrozenWeight& operator=(OneDnnFrozenWeight&&) noexcept = default;
 
   Index out_features() const { return dense_.out_features(); }
   Index in_features() const { return dense_.in_features(); }
@@ -71,19 +54,6 @@ class OneDnnFrozenWeight {
     return out;
   }
 
-  /// H = W * X.   X: k x n,  H: d x n.
-  void multiply(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
-    product(X, H, false);
-  }
-  /// H += W * X.
-  void multiply_add(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
-    product(X, H, true);
-  }
-  /// dX += W^T * G.
-  void multiply_transposed_add(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
-    transposed_product(G, dX, true);
-  }
-
   /// As DenseFrozenWeight<float>::merge: W = diag(g)(W0 + s B A), refused when not finite.
   void merge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
              const Eigen::Ref<const Vector>& g) {
@@ -100,6 +70,8 @@ class OneDnnFrozenWeight {
   static std::string backend_report() { return runtime_report(); }
 
  private:
+  friend class lora::detail::FrozenStorageBase<OneDnnFrozenWeight, float>;  // calls product()
+
   void product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H, bool accumulate) const {
     if (X.cols() == 0) return;
     const Matrix& W = dense_.matrix();
@@ -119,7 +91,9 @@ class OneDnnFrozenWeight {
   }
 
   DenseFrozenWeight<float> dense_;
-  std::unique_ptr<MatmulCache> cache_;  // primitives per shape; mutable state behind a mutex
+  // Primitives per shape and prepacked weights (mutable state behind a mutex); a copy builds
+  // its own on first use.
+  lora::detail::FreshOnCopy<MatmulCache> cache_;
   WeightLayout layout_;
   std::uint64_t version_ = 0;  // bumped when W changes (merge, unmerge): prepacked copies follow
 };

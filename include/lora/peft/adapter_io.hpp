@@ -15,6 +15,7 @@
 #include "lora/adapter.hpp"
 #include "lora/config.hpp"
 #include "lora/io/atomic_file.hpp"
+#include "lora/io/read_file.hpp"
 #include "lora/io/safetensors.hpp"
 #include "lora/io/safetensors_writer.hpp"
 #include "lora/lora_linear.hpp"
@@ -24,14 +25,16 @@
 #include <Eigen/Core>
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
-#include <fstream>
 #include <map>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -59,6 +62,14 @@ struct AdapterFile {
   std::map<std::string, LoRAAdapter<T>> modules;  ///< module path -> its adapter
 };
 
+/// How adapters are read.
+struct ReadOptions {
+  /// Load lora_A, lora_B and lora_B.bias even when they hold NaN or infinity (or a value beyond
+  /// the range of T, which becomes infinity). By default such a file is refused with a
+  /// FormatError naming the tensor and the first bad element; PEFT loads it without a word.
+  bool allow_non_finite = false;
+};
+
 namespace detail {
 
 inline std::string join_path(const std::string& dir, const char* file) {
@@ -84,11 +95,38 @@ inline std::optional<std::pair<std::string, std::string>> split_key(const std::s
   return std::nullopt;
 }
 
+/// Throws FormatError unless every element of `m` (tensor `key`, read as T) is finite: names the
+/// first bad element in the file's row-major order, and says when the stored value was finite but
+/// beyond T's range (an F64 1e300 read as float).
+template <typename T, typename Derived>
+void require_finite_tensor(const io::SafeTensors& st, const std::string& key,
+                           const Eigen::MatrixBase<Derived>& m, const std::string& source) {
+  if (m.allFinite()) return;
+  for (Eigen::Index i = 0; i < m.rows(); ++i)
+    for (Eigen::Index j = 0; j < m.cols(); ++j) {
+      if (std::isfinite(m(i, j))) continue;
+      const auto linear = static_cast<std::size_t>(i * m.cols() + j);
+      const double stored = st.values<double>(key)[linear];
+      std::ostringstream s;
+      s.precision(17);
+      s << "PEFT adapter \"" << source << "\": tensor " << io::quote_for_message(key) << " holds "
+        << stored << " at [" << i;
+      if (st.info(key).shape.size() == 2) s << ", " << j;
+      s << "]";
+      if (std::isfinite(stored))
+        s << ", beyond the range of " << (std::is_same_v<T, float> ? "float" : "double");
+      s << "; non-finite weights are refused (ReadOptions::allow_non_finite loads them anyway)";
+      throw FormatError(s.str());
+    }
+}
+
 template <typename T>
 LoRAAdapter<T> make_adapter(const io::SafeTensors& st, const AdapterConfig& config,
-                            const std::string& module, const std::string& source) {
+                            const ModuleRules& rules, const std::string& module,
+                            const std::string& source, const ReadOptions& options) {
   auto fail = [&](const std::string& what) {
-    return FormatError("PEFT adapter \"" + source + "\": module \"" + module + "\": " + what);
+    return FormatError("PEFT adapter \"" + source + "\": module " + io::quote_for_message(module) +
+                       ": " + what);
   };
   const std::string a_key = key_of(module, "lora_A.weight");
   const std::string b_key = key_of(module, "lora_B.weight");
@@ -104,12 +142,13 @@ LoRAAdapter<T> make_adapter(const io::SafeTensors& st, const AdapterConfig& conf
     throw fail("lora_A is " + io::shape_to_string(a) + " (r x in) but lora_B is " +
                io::shape_to_string(b) + " (out x r): their ranks differ");
   if (a[0] < 1 || a[1] < 1 || b[0] < 1) throw fail("empty lora_A or lora_B");
-  const LoRAConfig cfg = config.lora_config_for(module);
+  const LoRAConfig cfg = rules.lora_config_for(module);
   if (cfg.rank != a[0]) {
-    const auto key = AdapterConfig::pattern_key(config.rank_pattern, module);
-    throw fail("the config gives rank " + std::to_string(cfg.rank) +
-               (key ? " (rank_pattern key \"" + *key + "\")" : std::string(" (r)")) +
-               " but lora_A is " + io::shape_to_string(a));
+    const auto key = rules.rank_key(module);
+    throw fail(
+        "the config gives rank " + std::to_string(cfg.rank) +
+        (key ? " (rank_pattern key " + io::quote_for_message(*key) + ")" : std::string(" (r)")) +
+        " but lora_A is " + io::shape_to_string(a));
   }
   if (config.lora_bias != st.contains(bias_key))
     throw fail(config.lora_bias ? "lora_bias is true but \"" + bias_key + "\" is missing"
@@ -118,15 +157,36 @@ LoRAAdapter<T> make_adapter(const io::SafeTensors& st, const AdapterConfig& conf
     throw fail("rank " + std::to_string(cfg.rank) + " exceeds min(out, in) of a " +
                std::to_string(b[0]) + " x " + std::to_string(a[1]) +
                " weight, which this library does not support");
+  // s = alpha / r (or alpha / sqrt r) must be finite in T: lora_alpha 1e40 is a finite double
+  // but an infinite float scaling, which would make every output NaN even with B = 0.
+  const double scaling = cfg.scaling();
+  if (!std::isfinite(static_cast<T>(scaling))) {
+    const auto key = rules.alpha_key(module);
+    std::ostringstream s;
+    s << (key ? "alpha_pattern[" + io::quote_for_message(*key) + "]" : std::string("lora_alpha"))
+      << " = " << cfg.alpha << " gives the scaling " << scaling << ", beyond the range of "
+      << (std::is_same_v<T, float> ? "float" : "double");
+    throw fail(s.str());
+  }
 
   LoRAAdapter<T> adapter(b[0], a[1], cfg);
-  adapter.set_weights(st.matrix<T>(a_key), st.matrix<T>(b_key));
+  {
+    const auto A = st.matrix<T>(a_key);
+    const auto B = st.matrix<T>(b_key);
+    if (!options.allow_non_finite) {
+      require_finite_tensor<T>(st, a_key, A, source);
+      require_finite_tensor<T>(st, b_key, B, source);
+    }
+    adapter.set_weights(A, B);
+  }
   if (config.lora_bias) {
     const auto& bias = st.info(bias_key).shape;
     if (bias.size() != 1 || bias[0] != b[0])
       throw fail("lora_B.bias must have shape [" + std::to_string(b[0]) + "], got " +
                  io::shape_to_string(bias));
-    adapter.set_lora_bias(st.vector<T>(bias_key));
+    const auto v = st.vector<T>(bias_key);
+    if (!options.allow_non_finite) require_finite_tensor<T>(st, bias_key, v, source);
+    adapter.set_lora_bias(v);
   }
   return adapter;
 }
@@ -139,7 +199,8 @@ LoRAAdapter<T> make_adapter(const io::SafeTensors& st, const AdapterConfig& conf
 /// the safetensors file `weights`; `source` names it in messages. See read_adapter.
 template <typename T>
 AdapterFile<T> parse_adapter(AdapterConfig config, const io::SafeTensors& weights,
-                             const std::string& source = "<memory>") {
+                             const std::string& source = "<memory>",
+                             const ReadOptions& options = {}) {
   AdapterFile<T> out;
   out.config = std::move(config);
   out.config.require_supported(source);
@@ -147,8 +208,8 @@ AdapterFile<T> parse_adapter(AdapterConfig config, const io::SafeTensors& weight
   for (const auto& key : weights.names()) {
     const auto split = detail::split_key(key);
     if (!split)
-      throw FormatError("PEFT adapter \"" + source + "\": unexpected key \"" + key +
-                        "\"; expected " + kKeyPrefix +
+      throw FormatError("PEFT adapter \"" + source + "\": unexpected key " +
+                        io::quote_for_message(key) + "; expected " + kKeyPrefix +
                         "<module>.lora_A.weight, .lora_B.weight or .lora_B.bias");
     if (split->first.size() > kMaxModulePathLength)
       throw FormatError("PEFT adapter \"" + source + "\": a module path of " +
@@ -157,42 +218,75 @@ AdapterFile<T> parse_adapter(AdapterConfig config, const io::SafeTensors& weight
     modules.insert(split->first);
   }
   if (modules.empty()) throw FormatError("PEFT adapter \"" + source + "\" holds no LoRA tensors");
-  out.config.check_modules({modules.begin(), modules.end()}, source);
+  const ModuleRules rules = out.config.rules(source);  // every pattern compiled once
+  rules.check_modules({modules.begin(), modules.end()});
   for (const auto& m : modules)
-    out.modules.emplace(m, detail::make_adapter<T>(weights, out.config, m, source));
+    out.modules.emplace(m, detail::make_adapter<T>(weights, out.config, rules, m, source, options));
   return out;
 }
 
 /// As parse_adapter, from the text of adapter_config.json and the bytes of
-/// adapter_model.safetensors (for example to check data that never touches the disk).
+/// adapter_model.safetensors (for example to check data that never touches the disk), with the
+/// same limits as read_adapter (see AdapterConfig::parse).
 template <typename T>
 AdapterFile<T> parse_adapter(const std::string& config_json, std::vector<std::uint8_t> weights,
-                             const std::string& source = "<memory>") {
-  nlohmann::ordered_json j;
-  try {
-    j = nlohmann::ordered_json::parse(config_json);
-  } catch (const nlohmann::json::exception& e) {
-    throw FormatError("adapter config \"" + source + "\" is not valid JSON: " + e.what());
-  }
-  AdapterConfig config = AdapterConfig::from_json(j, source);
+                             const std::string& source = "<memory>",
+                             const ReadOptions& options = {}) {
+  AdapterConfig config = AdapterConfig::parse(config_json, source);
   return parse_adapter<T>(std::move(config), io::SafeTensors::parse(std::move(weights), source),
-                          source);
+                          source, options);
 }
 
 /// Reads and checks a PEFT adapter directory without any layer: the config (refusing what cannot
 /// be applied: DoRA, modules_to_save, ...), then one LoRAAdapter<T> per module, with the rank and
 /// scaling PEFT gives it (r / lora_alpha, rank_pattern / alpha_pattern, use_rslora). Tensors of
-/// any float dtype (F32, F16, BF16, F64) are converted to T. Throws FormatError.
+/// any float dtype (F32, F16, BF16, F64) are converted to T. Throws FormatError, also for a
+/// scaling or a weight that is not finite in T (see ReadOptions for the weights).
 template <typename T>
-AdapterFile<T> read_adapter(const std::string& dir) {
+AdapterFile<T> read_adapter(const std::string& dir, const ReadOptions& options = {}) {
   const std::string config_path = detail::join_path(dir, kConfigFileName);
   const std::string weights_path = detail::join_path(dir, kWeightsFileName);
   AdapterConfig config = AdapterConfig::load(config_path);
   config.require_supported(config_path);
-  return parse_adapter<T>(std::move(config), io::SafeTensors::load(weights_path), dir);
+  return parse_adapter<T>(std::move(config), io::SafeTensors::load(weights_path), dir, options);
 }
 
 namespace detail {
+
+/// The Levenshtein distance between a and b (insertions, deletions, substitutions), O(|a| |b|).
+inline std::size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diagonal = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] != b[j - 1] ? 1 : 0)});
+      diagonal = up;
+    }
+  }
+  return row[b.size()];
+}
+
+/// ", closest in the file: \"a\", \"b\", \"c\"": up to three module paths of `file` nearest to
+/// `path` (for a typo in a module name).
+template <typename T>
+std::string closest_modules(const AdapterFile<T>& file, const std::string& path) {
+  std::vector<std::pair<std::size_t, const std::string*>> scored;
+  for (const auto& [name, adapter] : file.modules)
+    scored.emplace_back(edit_distance(path.substr(0, 4096), name), &name);
+  const std::size_t n = std::min<std::size_t>(3, scored.size());
+  std::partial_sort(scored.begin(), scored.begin() + static_cast<long>(n), scored.end(),
+                    [](const auto& x, const auto& y) {
+                      return x.first != y.first ? x.first < y.first : *x.second < *y.second;
+                    });
+  std::string out =
+      "; the file's " + std::to_string(file.modules.size()) + " module(s) include, closest first: ";
+  for (std::size_t i = 0; i < n; ++i)
+    out += (i ? ", " : "") + io::quote_for_message(*scored[i].second);
+  return out;
+}
 
 /// Checks that `file` and `layers` name the same modules with the same shapes.
 template <typename T, typename Layer>
@@ -200,34 +294,40 @@ void match_modules(const AdapterFile<T>& file, const std::map<std::string, Layer
                    const std::string& dir) {
   for (const auto& [path, layer] : layers) {
     if (layer == nullptr)
-      throw std::invalid_argument("load_adapter: the layer given for \"" + path + "\" is null");
+      throw std::invalid_argument("load_adapter: the layer given for " +
+                                  io::quote_for_message(path) + " is null");
     const auto it = file.modules.find(path);
     if (it == file.modules.end())
-      throw FormatError("PEFT adapter \"" + dir + "\" has no weights for module \"" + path +
-                        "\" (missing " + key_of(path, "lora_A.weight") + ")");
+      throw FormatError("PEFT adapter \"" + dir + "\" has no weights for module " +
+                        io::quote_for_message(path) + " (missing " +
+                        io::quote_for_message(key_of(path, "lora_A.weight")) + ")" +
+                        closest_modules(file, path));
     const auto& a = it->second;
     if (a.out_features() != layer->out_features() || a.in_features() != layer->in_features())
-      throw FormatError("PEFT adapter \"" + dir + "\": module \"" + path + "\" is for a " +
+      throw FormatError("PEFT adapter \"" + dir + "\": module " + io::quote_for_message(path) +
+                        " is for a " +
                         lora::detail::shape_string(a.out_features(), a.in_features()) +
                         " (out x in) weight, but its layer's W0 is " +
                         lora::detail::shape_string(layer->out_features(), layer->in_features()));
   }
   for (const auto& [path, adapter] : file.modules)
     if (layers.count(path) == 0)
-      throw FormatError("PEFT adapter \"" + dir + "\" has weights for module \"" + path +
-                        "\" but no layer was given for it");
+      throw FormatError("PEFT adapter \"" + dir + "\" has weights for module " +
+                        io::quote_for_message(path) + " but no layer was given for it");
 }
 
 }  // namespace detail
 
 /// Loads a PEFT adapter directory into LoRALinear layers, one per module path: each layer's
 /// adapter is replaced (rank and scaling as the file says). Nothing is changed unless everything
-/// fits: a module without a layer, a layer without a module or a shape mismatch throws
-/// FormatError, a merged layer std::logic_error. Returns the config read.
+/// fits: a module without a layer (the message lists the file's closest module names), a layer
+/// without a module or a shape mismatch throws FormatError, a merged layer std::logic_error.
+/// Returns the config read.
 template <typename T, typename F>
 AdapterConfig load_adapter(const std::string& dir,
-                           const std::map<std::string, LoRALinear<T, F>*>& layers) {
-  AdapterFile<T> file = read_adapter<T>(dir);
+                           const std::map<std::string, LoRALinear<T, F>*>& layers,
+                           const ReadOptions& options = {}) {
+  AdapterFile<T> file = read_adapter<T>(dir, options);
   detail::match_modules(file, layers, dir);
   for (const auto& [path, layer] : layers)
     lora::detail::require_state(!layer->is_merged(), "load_adapter: the layer of \"", path,
@@ -242,8 +342,8 @@ AdapterConfig load_adapter(const std::string& dir,
 template <typename T, typename F>
 AdapterConfig load_adapter(const std::string& dir,
                            const std::map<std::string, MultiLoRALinear<T, F>*>& layers,
-                           const std::string& name) {
-  AdapterFile<T> file = read_adapter<T>(dir);
+                           const std::string& name, const ReadOptions& options = {}) {
+  AdapterFile<T> file = read_adapter<T>(dir, options);
   detail::match_modules(file, layers, dir);
   for (const auto& [path, layer] : layers)
     lora::detail::require(!layer->has_adapter(name), "load_adapter: the layer of \"", path,
@@ -276,7 +376,62 @@ inline std::string regex_escape(const std::string& s) {
   return out;
 }
 
+/// Candidate defaults for r or lora_alpha: `first`, then the other values in `wanted` from the
+/// most common to the least (ties: the smaller first).
+template <typename V>
+std::vector<V> default_candidates(const std::map<std::string, V>& wanted, V first) {
+  std::map<V, std::size_t> votes;
+  for (const auto& [path, v] : wanted) ++votes[v];
+  std::vector<std::pair<std::size_t, V>> order;
+  for (const auto& [v, n] : votes)
+    if (v != first) order.emplace_back(n, v);
+  std::stable_sort(order.begin(), order.end(),
+                   [](const auto& x, const auto& y) { return x.first > y.first; });
+  std::vector<V> out{first};
+  for (const auto& [n, v] : order) out.push_back(v);
+  return out;
+}
+
+/// PEFT's rank_pattern (or alpha_pattern) that, with the default `d`, gives every module its
+/// `wanted` value: `base` (the base config's patterns), plus an escaped full-path key for each
+/// module that they and `d` get wrong, sorted as PEFT reads them back (the file's keys are
+/// sorted), keys that match no module dropped. Nothing when some module still resolves wrongly
+/// (another module's key matches it first); `culprit` then names it.
+template <typename V>
+std::optional<std::vector<std::pair<std::string, V>>> express_patterns(
+    V d, const std::vector<std::pair<std::string, V>>& base, const std::map<std::string, V>& wanted,
+    const std::vector<std::string>& modules, std::string& culprit) {
+  const PatternTable base_table(keys_of(base), "pattern", "save_adapter");
+  std::map<std::string, V> patterns(base.begin(), base.end());
+  for (const auto& m : modules) {
+    const auto i = base_table.first_match(m);
+    const V got = i ? base[*i].second : d;
+    if (got != wanted.at(m)) patterns[regex_escape(m)] = wanted.at(m);
+  }
+  std::vector<std::pair<std::string, V>> sorted(patterns.begin(), patterns.end());
+  {
+    const PatternTable table(keys_of(sorted), "pattern", "save_adapter");
+    std::vector<bool> used(sorted.size(), false);
+    for (const auto& m : modules) table.mark_matches(m, used);
+    std::vector<std::pair<std::string, V>> kept;
+    for (std::size_t i = 0; i < sorted.size(); ++i)
+      if (used[i]) kept.push_back(sorted[i]);
+    sorted = std::move(kept);
+  }
+  const PatternTable table(keys_of(sorted), "pattern", "save_adapter");
+  for (const auto& m : modules) {
+    const auto i = table.first_match(m);
+    if ((i ? sorted[*i].second : d) != wanted.at(m)) {
+      culprit = m;
+      return std::nullopt;
+    }
+  }
+  return sorted;
+}
+
 /// The config that makes PEFT rebuild exactly these adapters (ranks, alphas, rsLoRA, lora_bias).
+/// Without a base config, r and lora_alpha are the first of the modules' values (the most common
+/// first) with which the patterns can express every module; only when none can, it throws.
 template <typename T>
 AdapterConfig config_for(const std::map<std::string, const LoRAAdapter<T>*>& adapters,
                          const SaveOptions& options) {
@@ -284,73 +439,146 @@ AdapterConfig config_for(const std::map<std::string, const LoRAAdapter<T>*>& ada
   std::vector<std::string> modules;
   bool any_bias = false;
   const bool rslora = adapters.begin()->second->config().use_rslora;
-  std::map<std::pair<int, double>, int> votes;  // the most common (rank, alpha) becomes r, alpha
+  std::map<std::pair<int, double>, int> votes;  // the most common (rank, alpha) is tried first
+  std::map<std::string, int> ranks;
+  std::map<std::string, double> alphas;
   for (const auto& [path, a] : adapters) {
     modules.push_back(path);
     any_bias = any_bias || a->has_lora_bias();
     if (a->config().use_rslora != rslora)
-      throw std::invalid_argument(
-          "save_adapter: PEFT has one use_rslora per adapter, but module \"" + path +
-          "\" differs from \"" + adapters.begin()->first + "\"");
+      throw std::invalid_argument("save_adapter: PEFT has one use_rslora per adapter, but module " +
+                                  io::quote_for_message(path) + " differs from " +
+                                  io::quote_for_message(adapters.begin()->first));
     ++votes[{static_cast<int>(a->rank()), a->config().alpha}];
+    ranks[path] = static_cast<int>(a->rank());
+    alphas[path] = a->config().alpha;
   }
   c.use_rslora = rslora;
   c.lora_bias = any_bias;
+  std::vector<int> rank_defaults{c.r};
+  std::vector<double> alpha_defaults{c.lora_alpha};
   if (!options.base) {
     const auto best =
         std::max_element(votes.begin(), votes.end(),
                          [](const auto& x, const auto& y) { return x.second < y.second; });
-    c.r = best->first.first;
-    c.lora_alpha = best->first.second;
+    rank_defaults = default_candidates(ranks, best->first.first);
+    alpha_defaults = default_candidates(alphas, best->first.second);
     c.target_modules = modules;  // full paths: PEFT adapts exactly these modules
     c.target_modules_regex.reset();
   }
-  // Modules whose rank or alpha the rules get wrong receive an explicit (escaped) entry, placed
-  // first because PEFT takes the first matching key.
-  std::vector<std::pair<std::string, int>> rp;
-  std::vector<std::pair<std::string, double>> ap;
-  for (const auto& [path, a] : adapters) {
-    if (c.rank_for(path) != a->rank()) rp.emplace_back(regex_escape(path), int(a->rank()));
-    if (c.alpha_for(path) != a->config().alpha)
-      ap.emplace_back(regex_escape(path), a->config().alpha);
-  }
-  rp.insert(rp.end(), c.rank_pattern.begin(), c.rank_pattern.end());
-  ap.insert(ap.end(), c.alpha_pattern.begin(), c.alpha_pattern.end());
-  c.rank_pattern = rp;
-  c.alpha_pattern = ap;
-  // PEFT reads the keys back in the sorted order the file has: check the rules once more in
-  // that order, and drop pattern keys that no longer match anything.
-  std::sort(c.rank_pattern.begin(), c.rank_pattern.end());
-  std::sort(c.alpha_pattern.begin(), c.alpha_pattern.end());
-  auto prune = [&modules](auto& patterns) {
-    patterns.erase(std::remove_if(patterns.begin(), patterns.end(),
-                                  [&](const auto& p) {
-                                    for (const auto& m : modules)
-                                      if (AdapterConfig::pattern_key(
-                                              std::vector<std::decay_t<decltype(p)>>{p}, m))
-                                        return false;
-                                    return true;
-                                  }),
-                   patterns.end());
+  auto solve = [&](const auto& defaults, const auto& base, const auto& wanted, const char* what,
+                   auto& out_default, auto& out_patterns) {
+    std::string culprit, first_culprit;
+    for (const auto& d : defaults) {
+      if (auto p = express_patterns(d, base, wanted, modules, culprit)) {
+        out_default = d;
+        out_patterns = std::move(*p);
+        return;
+      }
+      if (first_culprit.empty()) first_culprit = culprit;
+    }
+    throw std::invalid_argument(std::string("save_adapter: cannot express the ") + what +
+                                " of module " + io::quote_for_message(first_culprit) +
+                                " with PEFT's " + what + "_pattern: whichever default is chosen (" +
+                                std::to_string(defaults.size()) +
+                                " tried), another module's key matches it first");
   };
-  prune(c.rank_pattern);
-  prune(c.alpha_pattern);
-  for (const auto& [path, a] : adapters) {
-    if (c.rank_for(path) != a->rank() || c.alpha_for(path) != a->config().alpha)
-      throw std::invalid_argument(
-          "save_adapter: cannot express the rank/alpha of module \"" + path +
-          "\" with PEFT's rank_pattern/alpha_pattern (another module's key matches it first)");
-    if (!c.targets(path))
-      throw std::invalid_argument("save_adapter: module \"" + path +
-                                  "\" is not selected by the base config's target_modules");
-  }
+  solve(rank_defaults, c.rank_pattern, ranks, "rank", c.r, c.rank_pattern);
+  solve(alpha_defaults, c.alpha_pattern, alphas, "alpha", c.lora_alpha, c.alpha_pattern);
+  const ModuleRules rules = c.rules("save_adapter");
+  for (const auto& path : modules)
+    if (!rules.targets(path))
+      throw std::invalid_argument("save_adapter: module " + io::quote_for_message(path) +
+                                  " is not selected by the base config's target_modules");
   return c;
 }
 
-inline void make_directory(const std::string& dir) {
-  if (::mkdir(dir.c_str(), 0777) != 0 && errno != EEXIST)
+/// Creates `dir` unless it exists; returns true when it created it.
+inline bool make_directory(const std::string& dir) {
+  if (::mkdir(dir.c_str(), 0777) == 0) return true;
+  if (errno != EEXIST)
     throw io::WriteError("save_adapter: cannot create the folder \"" + dir +
                          "\": " + io::detail::errno_string(errno));
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+    throw io::WriteError("save_adapter: \"" + dir + "\" exists and is not a folder");
+  return false;
+}
+
+inline void require_not_directory(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+    throw io::WriteError("save_adapter: \"" + path + "\" is a directory, not a file");
+}
+
+/// The file at `path` as it was before a save, so that a failed save can put it back: kept under a
+/// second name (a hard link: putting it back is a rename, which needs no free space) or, where
+/// the file system has no hard links, as a copy in memory. A path with no file is put back by
+/// removing what the save wrote there.
+class PreviousFile {
+ public:
+  explicit PreviousFile(const std::string& path) : path_(path) {
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) != 0) {
+      if (errno == ENOENT) return;
+      throw io::WriteError("save_adapter: cannot inspect \"" + path +
+                           "\": " + io::detail::errno_string(errno));
+    }
+    if (S_ISDIR(st.st_mode))
+      throw io::WriteError("save_adapter: \"" + path + "\" is a directory, not a file");
+    existed_ = true;
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      const std::string name = io::detail::sibling_name(path, "keep");
+      if (::link(path.c_str(), name.c_str()) == 0) {
+        kept_ = name;
+        return;
+      }
+      if (errno != EEXIST) break;
+    }
+    try {
+      copy_ = io::read_file(path, "save_adapter");
+    } catch (const io::FormatError& e) {
+      throw io::WriteError(std::string(e.what()) + " (it would be replaced)");
+    }
+  }
+  PreviousFile(const PreviousFile&) = delete;
+  PreviousFile& operator=(const PreviousFile&) = delete;
+  ~PreviousFile() {
+    if (!kept_.empty()) ::unlink(kept_.c_str());
+  }
+
+  /// Puts the previous file back (best effort: the first error is the one reported).
+  void restore() {
+    if (!existed_) {
+      ::unlink(path_.c_str());
+    } else if (!kept_.empty()) {
+      if (::rename(kept_.c_str(), path_.c_str()) == 0) kept_.clear();
+    } else if (copy_) {
+      try {
+        io::write_file_atomically(path_, copy_->data(), copy_->size());
+      } catch (const io::WriteError&) {
+      }
+    }
+  }
+
+ private:
+  std::string path_, kept_;
+  bool existed_ = false;
+  std::optional<std::vector<std::uint8_t>> copy_;
+};
+
+/// Throws std::domain_error unless every element of `m` is finite, naming the tensor `key`.
+template <typename Derived>
+void require_finite_for_save(const std::string& key, const Eigen::MatrixBase<Derived>& m) {
+  if (m.allFinite()) return;
+  for (Eigen::Index j = 0; j < m.cols(); ++j)
+    for (Eigen::Index i = 0; i < m.rows(); ++i)
+      if (!std::isfinite(m(i, j))) {
+        std::ostringstream s;
+        s << "save_adapter: tensor " << io::quote_for_message(key) << " holds " << m(i, j)
+          << " at [" << i << ", " << j << "]; an adapter with non-finite weights is not saved";
+        throw std::domain_error(s.str());
+      }
 }
 
 }  // namespace detail
@@ -359,9 +587,11 @@ inline void make_directory(const std::string& dir) {
 /// PeftModel.from_pretrained loads: adapter_model.safetensors (PEFT's keys, metadata
 /// {"format": "pt"}) and adapter_config.json (ranks and alphas, with rank_pattern/alpha_pattern
 /// entries where modules differ). A module without a lora bias, in an adapter where others have
-/// one, gets a zero bias (PEFT's lora_bias is per adapter). Each file is replaced atomically and
-/// both are fully built before either is written; if the config cannot be written after the
-/// weights were, the previous weights file is put back. Returns the config written.
+/// one, gets a zero bias (PEFT's lora_bias is per adapter). Both files are fully built before
+/// either is written, and each is replaced atomically; a save that fails part-way leaves the
+/// directory as it was: the previous pair of files, or no new file (and no new directory). Throws
+/// std::invalid_argument (what PEFT cannot express), std::domain_error (a non-finite weight, or one
+/// that `options.dtype` cannot hold) or io::WriteError. Returns the config written.
 template <typename T>
 AdapterConfig write_adapter(const std::string& dir,
                             const std::map<std::string, const LoRAAdapter<T>*>& adapters,
@@ -369,9 +599,10 @@ AdapterConfig write_adapter(const std::string& dir,
   if (adapters.empty()) throw std::invalid_argument("save_adapter: no modules to save");
   for (const auto& [path, a] : adapters) {
     if (a == nullptr)
-      throw std::invalid_argument("save_adapter: the adapter of \"" + path + "\" is null");
+      throw std::invalid_argument("save_adapter: the adapter of " + io::quote_for_message(path) +
+                                  " is null");
     if (path.empty() || !detail::split_key(key_of(path, "lora_A.weight")))
-      throw std::invalid_argument("save_adapter: bad module path \"" + path + "\"");
+      throw std::invalid_argument("save_adapter: bad module path " + io::quote_for_message(path));
   }
   const AdapterConfig config = detail::config_for(adapters, options);
   const io::DType dtype =
@@ -380,36 +611,38 @@ AdapterConfig write_adapter(const std::string& dir,
   io::SafeTensorsWriter w;
   w.set_metadata("format", "pt");
   for (const auto& [path, a] : adapters) {
+    detail::require_finite_for_save(key_of(path, "lora_A.weight"), a->A());
+    detail::require_finite_for_save(key_of(path, "lora_B.weight"), a->B());
     w.add(key_of(path, "lora_A.weight"), a->A(), dtype);
     w.add(key_of(path, "lora_B.weight"), a->B(), dtype);
     if (config.lora_bias) {
-      if (a->has_lora_bias())
+      if (a->has_lora_bias()) {
+        detail::require_finite_for_save(key_of(path, "lora_B.bias"), a->lora_bias());
         w.add_vector(key_of(path, "lora_B.bias"), a->lora_bias(), dtype);
-      else
+      } else {
         w.add_vector(key_of(path, "lora_B.bias"),
                      Eigen::Matrix<T, Eigen::Dynamic, 1>::Zero(a->out_features()), dtype);
+      }
     }
   }
   const std::vector<std::uint8_t> weights = w.serialize();
   const std::string config_text = config.dump();
 
-  detail::make_directory(dir);
+  const bool created = detail::make_directory(dir);
   const std::string weights_path = detail::join_path(dir, kWeightsFileName);
-  std::optional<std::vector<std::uint8_t>> previous;
-  {
-    std::ifstream in(weights_path, std::ios::binary);
-    if (in) previous.emplace(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  }
-  io::write_file_atomically(weights_path, weights.data(), weights.size());
+  const std::string config_path = detail::join_path(dir, kConfigFileName);
   try {
-    io::write_file_atomically(detail::join_path(dir, kConfigFileName), config_text);
-  } catch (...) {
-    if (previous) {
-      try {
-        io::write_file_atomically(weights_path, previous->data(), previous->size());
-      } catch (...) {  // keep the first error; the weights file is complete either way
-      }
+    detail::require_not_directory(config_path);  // found now, before the weights are written
+    detail::PreviousFile previous_weights(weights_path);
+    io::write_file_atomically(weights_path, weights.data(), weights.size());
+    try {
+      io::write_file_atomically(config_path, config_text);
+    } catch (...) {
+      previous_weights.restore();
+      throw;
     }
+  } catch (...) {
+    if (created) ::rmdir(dir.c_str());  // only succeeds when it is empty again
     throw;
   }
   return config;

@@ -1,0 +1,76 @@
+// What every frozen storage shares (the contract is in lora/frozen_storage.hpp): the type
+// aliases, the three product entry points over one kernel per orientation,
+//   product(X, H, accumulate)              H = W X, or H += W X
+//   transposed_product(G, dX, accumulate)  dX = W^T G, or dX += W^T G
+// and the checks every merge and unmerge makes. A storage derives from
+// FrozenStorageBase<Itself, Scalar> (CRTP) and befriends it, so these are written once.
+#pragma once
+
+#include "lora/detail/check.hpp"
+
+#include <Eigen/Core>
+
+#include <memory>
+
+namespace lora::detail {
+
+template <typename Derived, typename S>
+class FrozenStorageBase {
+ public:
+  using Scalar = S;  ///< the type of the layer's inputs, outputs and adapter
+  using Matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;  ///< a dense Scalar matrix
+  using Vector = Eigen::Matrix<S, Eigen::Dynamic, 1>;               ///< a dense Scalar vector
+  using Index = Eigen::Index;                                       ///< Eigen's index type
+
+  /// H = W X.   X: k x n,  H: d x n (overwritten; must not alias X).
+  void multiply(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
+    self().product(X, H, false);
+  }
+  /// H += W X: the layer writes its low-rank term and bias into H first.
+  void multiply_add(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
+    self().product(X, H, true);
+  }
+  /// dX += W^T G.   G: d x n,  dX: k x n (must not alias G).
+  void multiply_transposed_add(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX) const {
+    self().transposed_product(G, dX, true);
+  }
+
+ protected:
+  /// The checks of merge (merging = true) and unmerge: the merge state, and a row scale g of d
+  /// elements or none. `who` names the call ("Bf16FrozenWeight::merge").
+  void check_merge_call(const char* who, bool merging, const Eigen::Ref<const Vector>& g) const {
+    require_state(self().is_merged() != merging, who,
+                  merging ? ": a delta is already merged" : ": nothing is merged");
+    require(g.size() == 0 || g.size() == self().out_features(), who, ": the row scale must have ",
+            self().out_features(), " elements or none, got ", g.size());
+  }
+
+ private:
+  const Derived& self() const { return static_cast<const Derived&>(*this); }
+};
+
+/// Per-object state that a copy must not share (cached oneDNN primitives, a mutex, scratch): a
+/// copy starts with a fresh, empty State of its own (or none, if the original had none), so the
+/// storage's copy constructor and assignment can stay the defaults.
+template <typename State>
+class FreshOnCopy {
+ public:
+  FreshOnCopy() = default;
+  FreshOnCopy(const FreshOnCopy& o) : p_(o.p_ ? std::make_unique<State>() : nullptr) {}
+  FreshOnCopy& operator=(const FreshOnCopy& o) {
+    if (this != &o) p_ = o.p_ ? std::make_unique<State>() : nullptr;
+    return *this;
+  }
+  FreshOnCopy(FreshOnCopy&&) noexcept = default;
+  FreshOnCopy& operator=(FreshOnCopy&&) noexcept = default;
+
+  void create() { p_ = std::make_unique<State>(); }  ///< a fresh State
+  State* operator->() const { return p_.get(); }
+  State& operator*() const { return *p_; }
+  explicit operator bool() const { return p_ != nullptr; }
+
+ private:
+  std::unique_ptr<State> p_;
+};
+
+}  // namespace lora::detail
