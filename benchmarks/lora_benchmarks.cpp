@@ -11,6 +11,13 @@
 //   GFLOPS           2*d*k*n per iteration, for the dense product
 //   threads          the threads Eigen's products use (OMP_NUM_THREADS)
 // Thread count: OMP_NUM_THREADS (Eigen and oneDNN both follow it).
+// "Bf16Strided" = the bf16 base with Bf16WeightLayout::Strided (oneDNN reads the stored weight
+// through strides) against "Bf16" (prepacked, the default). BM_OneDnnMatmulBf16Reference is
+// oneDNN's own bf16 matmul on the same shapes (bf16 X^T (n x k) times W^T in the layout oneDNN
+// prefers on this CPU, f32 output, weight reordered before timing): the limit for the frozen
+// product; ...RowMajor the same with W^T in a plain row-major layout (no reorder).
+// "OneDnnStrided" = the fp32 oneDNN storage with onednn::WeightLayout::Strided ("OneDnn" is
+// prepacked, the default).
 #include "alloc_counter.hpp"
 
 #include <lora/bf16_frozen_weight.hpp>
@@ -25,11 +32,14 @@
 #include <Eigen/Core>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -275,6 +285,76 @@ void weight_copy(benchmark::State& state) {
   report_weight_bytes(state, s, sizeof(float));
 }
 
+/// The bf16 base on the strided layout (see Bf16WeightLayout), for comparison with the default.
+struct Bf16StridedFrozenWeight : lora::Bf16FrozenWeight {
+  explicit Bf16StridedFrozenWeight(const Matrix& W0)
+      : lora::Bf16FrozenWeight(W0, lora::MergeMode::ExactRestore, lora::Bf16Backend::Auto,
+                               lora::Bf16WeightLayout::Strided) {}
+};
+
+#if defined(LORA_WITH_ONEDNN)
+/// The fp32 oneDNN storage reading its weight through strides (onednn::WeightLayout::Strided),
+/// for comparison with the default (prepacked).
+struct OneDnnStridedFrozenWeight : lora::onednn::OneDnnFrozenWeight {
+  explicit OneDnnStridedFrozenWeight(Matrix W0)
+      : lora::onednn::OneDnnFrozenWeight(std::move(W0), lora::MergeMode::InPlace,
+                                         lora::onednn::WeightLayout::Strided) {}
+};
+
+/// oneDNN's bf16 matmul called directly: dst(n x d, f32) = src(n x k, bf16) * wei(k x d, bf16),
+/// the row-major view of H = W X. `prepacked`: the weight in the layout oneDNN picks for this CPU
+/// (format_tag::any, reordered once before timing); else plain row-major.
+void onednn_matmul_bf16_reference(benchmark::State& state, bool prepacked) {
+  const Shape s = shape_of(state);
+  if (g_release_fixture) g_release_fixture();
+  g_release_fixture = nullptr;
+  using dims = dnnl::memory::dims;
+  using tag = dnnl::memory::format_tag;
+  using dt = dnnl::memory::data_type;
+  const dnnl::engine& eng = lora::onednn::engine();
+  dnnl::stream& stream = lora::onednn::stream();
+  const Matrix W = Matrix::Random(s.d, s.k) * (1.0f / std::sqrt(static_cast<float>(s.k)));
+  const Matrix X = Matrix::Random(s.k, s.n);
+  lora::detail::Bf16Matrix Wb, Xb;
+  lora::detail::to_bf16(W, Wb);  // column-major W (d x k) = row-major W^T (k x d)
+  lora::detail::to_bf16(X, Xb);  // column-major X (k x n) = row-major X^T (n x k)
+  Matrix H(s.d, s.n);
+  const dnnl::memory::desc src_md(dims{s.n, s.k}, dt::bf16, tag::ab);
+  const dnnl::memory::desc plain_md(dims{s.k, s.d}, dt::bf16, tag::ab);
+  const dnnl::memory::desc wei_md =
+      prepacked ? dnnl::memory::desc(dims{s.k, s.d}, dt::bf16, tag::any) : plain_md;
+  const dnnl::memory::desc dst_md(dims{s.n, s.d}, dt::f32, tag::ab);
+  const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, wei_md, dst_md), eng);
+  dnnl::memory plain(plain_md, eng, Wb.data());
+  dnnl::memory wei = plain;
+  if (prepacked) {
+    wei = dnnl::memory(pd.weights_desc(), eng);
+    dnnl::reorder(plain, wei).execute(stream, plain, wei);
+    stream.wait();
+  }
+  dnnl::memory src(src_md, eng, Xb.data()), dst(dst_md, eng, H.data());
+  const dnnl::matmul prim(pd);
+  const std::unordered_map<int, dnnl::memory> args{
+      {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}};
+  prim.execute(stream, args);  // warm up
+  stream.wait();
+  timed_loop(state, [&] {
+    prim.execute(stream, args);
+    stream.wait();
+    benchmark::DoNotOptimize(H.data());
+    benchmark::ClobberMemory();
+  });
+  report_flops(state, s);
+  state.SetLabel(pd.impl_info_str());
+}
+void onednn_matmul_bf16_reference_packed(benchmark::State& state) {
+  onednn_matmul_bf16_reference(state, true);
+}
+void onednn_matmul_bf16_reference_row_major(benchmark::State& state) {
+  onednn_matmul_bf16_reference(state, false);
+}
+#endif
+
 // ---- registration -------------------------------------------------------------------------------
 
 constexpr std::array<std::array<std::int64_t, 4>, 5> kShapes = {{
@@ -319,6 +399,16 @@ int main(int argc, char** argv) {
   add_families<lora::onednn::OneDnnFrozenWeight>("OneDnn", false);
 #endif
   add_families<lora::Bf16FrozenWeight>("Bf16", true);
+  add("BM_DenseForwardBf16Strided", dense_forward<Bf16StridedFrozenWeight>);
+  add("BM_TrainStepBf16Strided", train_step<Bf16StridedFrozenWeight>);
+#if defined(LORA_WITH_ONEDNN)
+  add("BM_DenseForwardOneDnnStrided", dense_forward<OneDnnStridedFrozenWeight>);
+  add("BM_TrainStepOneDnnStrided", train_step<OneDnnStridedFrozenWeight>);
+  if (lora::Bf16FrozenWeight::onednn_available()) {
+    add("BM_OneDnnMatmulBf16Reference", onednn_matmul_bf16_reference_packed);
+    add("BM_OneDnnMatmulBf16ReferenceRowMajor", onednn_matmul_bf16_reference_row_major);
+  }
+#endif
   add_families<lora::Nf4FrozenWeight>("Nf4", true);
 
   benchmark::Initialize(&argc, argv);
@@ -327,6 +417,10 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("lora_bf16_backend", lora::Bf16FrozenWeight::backend_report());
   benchmark::AddCustomContext("lora_nf4_backend", lora::Nf4FrozenWeight::backend_report());
   benchmark::RunSpecifiedBenchmarks();
+  // What the products ran on (oneDNN's implementations, e.g. whether AMX was used): known only
+  // once they have run, so printed after them, to stderr.
+  std::fprintf(stderr, "lora_bf16_backend after the run: %s\n",
+               lora::Bf16FrozenWeight::backend_report().c_str());
   benchmark::Shutdown();
   return 0;
 }

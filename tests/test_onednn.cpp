@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace test_onednn {
 namespace {
@@ -22,7 +23,11 @@ void expect_close(const MatF& got, const MatD& ref, const MatD& scale, double te
   EXPECT_TRUE((err.array() <= 2 * gamma * scale.array()).all()) << "max error " << err.maxCoeff();
 }
 
-TEST(OneDnnFrozenWeight, ForwardBackwardAndMergeMatchFp64) {
+// Both weight layouts; with the prepacked one the merge and unmerge between the products check
+// that the packed copy follows the weight.
+class OneDnnLayouts : public ::testing::TestWithParam<lora::onednn::WeightLayout> {};
+
+TEST_P(OneDnnLayouts, ForwardBackwardAndMergeMatchFp64) {
   for (const int n : {1, 5, 64}) {
     const int d = 70, k = 300, r = 4;
     std::srand(unsigned(n));
@@ -31,7 +36,7 @@ TEST(OneDnnFrozenWeight, ForwardBackwardAndMergeMatchFp64) {
     const Eigen::VectorXf b = Eigen::VectorXf::Random(d);
     lora::LoRAConfig cfg;
     cfg.rank = r;
-    Layer layer(W, b, cfg);
+    Layer layer(lora::onednn::OneDnnFrozenWeight(W, lora::MergeMode::InPlace, GetParam()), b, cfg);
     layer.set_adapter_weights(A, B);
     const double s = layer.scaling();
     const MatD Wd = W.cast<double>(), Xd = X.cast<double>(), Gd = G.cast<double>();
@@ -51,8 +56,28 @@ TEST(OneDnnFrozenWeight, ForwardBackwardAndMergeMatchFp64) {
     layer.merge();
     expect_close(layer.forward(X), H_ref, H_scale, k + r + 8);
     layer.unmerge();
+    // Unmerged again: the plain W0 (W0 + sBA - sBA, to fp32 rounding), not the merged weight.
+    const MatD W0_ref = (Wd * Xd).colwise() + b.cast<double>();
+    layer.set_adapter_weights(MatF::Zero(r, k), B);
+    expect_close(layer.forward(X), W0_ref, H_scale, k + r + 16);
+  }
+  if (GetParam() == lora::onednn::WeightLayout::Prepacked) {
+    lora::onednn::OneDnnFrozenWeight w(MatF::Random(8, 6), lora::MergeMode::InPlace, GetParam());
+    MatF H(8, 3);
+    w.multiply(MatF::Random(6, 3), H);
+    EXPECT_NE(w.product_report().find("prepacked): "), std::string::npos) << w.product_report();
+    EXPECT_GE(w.stored_bytes(), 2 * 8 * 6 * sizeof(float));  // W and its packed copy
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Layouts, OneDnnLayouts,
+                         ::testing::Values(lora::onednn::WeightLayout::Strided,
+                                           lora::onednn::WeightLayout::Prepacked),
+                         [](const auto& info) {
+                           return info.param == lora::onednn::WeightLayout::Strided
+                                      ? std::string("Strided")
+                                      : std::string("Prepacked");
+                         });
 
 TEST(OneDnnFrozenWeight, StridedOutputsAndReport) {
   const MatF W = MatF::Random(20, 30), X = MatF::Random(30, 6);

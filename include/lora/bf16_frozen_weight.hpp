@@ -7,9 +7,16 @@
 //  - OneDnn: oneDNN's bf16 matmul (AMX or AVX-512 bf16 instructions where the CPU has them).
 //    Compiled in only when lora::onednn is linked (LORA_WITH_ONEDNN); asking for it otherwise
 //    throws at construction.
+//    By default (Bf16WeightLayout::Prepacked) oneDNN reads W from a copy in the layout it prefers
+//    on the running CPU, made at the first product and again after each merge or unmerge (one
+//    copy per orientation used: W X, and W^T G for training); Bf16WeightLayout::Strided reads the
+//    stored weight through strides instead (no copy).
 //  - Portable: W0 widened to fp32 one depth panel at a time and multiplied by Eigen. Slower than
 //    fp32 (a conversion on top of the same product), but it computes the same numbers: a product
 //    of two bf16 values is exact in fp32, so both back ends differ only in summation order.
+// Small batches (n <= kGemvMaxBatch columns, decoding) run on lora's own bf16 GEMV
+// (lora/detail/bf16_gemv.hpp: reads W once, widening it on the fly) with the Portable back end
+// and with OneDnn on the strided layout; the prepacked oneDNN product is faster still there.
 //
 // Merge computes diag(g)(W0 + s*B*A) in fp32 one column panel at a time and rounds it to bf16. With
 // MergeMode::ExactRestore (this storage's default) it is built beside the pristine bf16 W0 (the two
@@ -20,6 +27,7 @@
 
 #include "lora/detail/bf16.hpp"
 #include "lora/detail/bf16_backend.hpp"
+#include "lora/detail/bf16_gemv.hpp"
 #include "lora/detail/check.hpp"
 #include "lora/detail/finite.hpp"
 #include "lora/detail/frozen_storage_base.hpp"
@@ -32,6 +40,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <memory>
 #include <string>
@@ -53,6 +62,15 @@ enum class Bf16Backend {
   OneDnn,    ///< oneDNN's bf16 matmul; throws at construction when lora was built without it.
 };
 
+/// How the OneDnn back end hands the weight to oneDNN (the Portable back end ignores it).
+enum class Bf16WeightLayout {
+  /// A copy of W in the layout oneDNN prefers on this CPU, made at the first product and after
+  /// each merge/unmerge: one copy of W (d*k*2 bytes) per orientation used (W X; W^T G).
+  Prepacked,
+  /// W read through strides from the stored column-major weight: no copy.
+  Strided,
+};
+
 /// The frozen weight W0 (d x k) stored in bfloat16, for layers of float: see the top of this file.
 class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, float> {
  public:
@@ -61,8 +79,9 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
   /// std::invalid_argument for an empty W0 or for Bf16Backend::OneDnn without oneDNN.
   explicit Bf16FrozenWeight(const Eigen::Ref<const Matrix>& W0,
                             MergeMode mode = MergeMode::ExactRestore,
-                            Bf16Backend backend = Bf16Backend::Auto)
-      : mode_(mode), backend_(resolve(backend)) {
+                            Bf16Backend backend = Bf16Backend::Auto,
+                            Bf16WeightLayout layout = Bf16WeightLayout::Prepacked)
+      : mode_(mode), backend_(resolve(backend)), layout_(layout) {
     detail::require(W0.size() > 0, "Bf16FrozenWeight: W0 must not be empty, got ",
                     detail::shape_string(W0.rows(), W0.cols()));
     detail::to_bf16(W0, pristine_);
@@ -91,14 +110,25 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
   Bf16Backend backend() const {
     return backend_;
   }
+  Bf16WeightLayout weight_layout() const {
+    return layout_;
+  }
+  /// Batches of at most this many columns run on lora's bf16 GEMV (see the top of this file).
+  static constexpr Index kGemvMaxBatch = 4;
   /// The portable kernel allocates nothing in steady state; oneDNN's execute() makes a few small
   /// allocations of its own per call.
   bool allocation_free() const {
     return backend_ == Bf16Backend::Portable && detail::kGemmAllocationFree;
   }
-  /// Bytes of bf16 held: W0, and the merged copy once an ExactRestore merge has made it.
+  /// Bytes of bf16 held: W0, the merged copy once an ExactRestore merge has made it, and the
+  /// prepacked copies the oneDNN back end has made.
   std::size_t stored_bytes() const {
-    return static_cast<std::size_t>(pristine_.size() + merged_.size()) * sizeof(detail::bf16);
+    std::size_t packed = 0;
+#if defined(LORA_WITH_ONEDNN)
+    if (onednn_) packed = onednn_->cache.packed_bytes();
+#endif
+    return static_cast<std::size_t>(pristine_.size() + merged_.size()) * sizeof(detail::bf16) +
+           packed;
   }
 
   /// True when this build has the oneDNN back end and the CPU runs its bf16 matmul.
@@ -108,8 +138,34 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
 
   /// What Bf16Backend::Auto runs on this machine and why, e.g. "oneDNN 2.6.3, ISA
   /// avx512_core_bf16 (vdpbf16ps)" or "portable (built without oneDNN); CPU avx512_bf16: yes".
+  /// Once products have run, it also lists the oneDNN implementations they use ("...; in use:
+  /// brg:avx512_core_amx_bf16" where AMX runs them); product_report() details one weight's.
   static std::string backend_report() {
-    return detail::bf16_backend_report();
+    std::string report = detail::bf16_backend_report();
+#if defined(LORA_WITH_ONEDNN)
+    if (onednn_available()) {
+      const std::vector<std::string> seen = onednn::implementations_seen();
+      for (std::size_t i = 0; i < seen.size(); ++i)
+        report += (i == 0 ? "; in use: " : ", ") + seen[i];
+    }
+#endif
+    return report;
+  }
+
+  /// What runs this weight's products: one line per product oneDNN has run for it (shape, layout
+  /// and oneDNN's implementation string), and the small-batch GEMV where it is used. Takes the
+  /// product lock: for inspection, not for a hot path.
+  std::string product_report() const {
+    std::string out;
+    if (backend_ == Bf16Backend::Portable || layout_ == Bf16WeightLayout::Strided)
+      out += std::string("n <= ") + std::to_string(kGemvMaxBatch) + ": lora bf16 GEMV (" +
+             (detail::kBf16GemvAvx512 ? "AVX-512" : "portable loops") + ")\n";
+    if (backend_ == Bf16Backend::Portable) out += "larger n: fp32 panels into Eigen\n";
+#if defined(LORA_WITH_ONEDNN)
+    if (onednn_)
+      for (const std::string& line : onednn_->cache.report()) out += line + "\n";
+#endif
+    return out;
   }
 
   /// The bf16 weight in use: W0, or round(diag(g)(W0 + s*B*A)) while merged.   d x k.
@@ -175,6 +231,8 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
       for_each_merged_panel(s, B, A, g, &pristine_);  // then overwrite W0
     }
     is_merged_ = true;
+    // Name the new contents: a prepacked copy of the old ones is remade at the next product.
+    ++(mode_ == MergeMode::ExactRestore ? merged_version_ : pristine_version_);
   }
 
   /// Back to W0: a flag (ExactRestore: exact, O(1)), or W = round_bf16(diag(1/g) W - s B A) with
@@ -194,8 +252,9 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
         detail::gemm_add(tmp, B, A.middleCols(j, w), -s);  // (d x r)(r x w), in fp32
         detail::to_bf16(tmp.data(), pristine_.data() + j * d, d * w);
       });
+      ++pristine_version_;
     }
-    is_merged_ = false;
+    is_merged_ = false;  // ExactRestore: W0 and its prepacked copies are as they were
   }
 
  private:
@@ -261,16 +320,27 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
   // Depth of a portable panel: W's fp32 panel is depth x (d or k) floats.
   static constexpr Index kPanelDepth = 256;
 
+  std::uint64_t weight_version() const {
+    return is_merged_ && mode_ == MergeMode::ExactRestore ? merged_version_ : pristine_version_;
+  }
+
+  /// Small batches on lora's GEMV, except where the prepacked oneDNN product is faster.
+  bool use_gemv(Index n) const {
+    return n <= kGemvMaxBatch &&
+           (backend_ == Bf16Backend::Portable || layout_ == Bf16WeightLayout::Strided);
+  }
+
   void product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H, bool accumulate) const {
     const Index d = out_features(), k = in_features(), n = X.cols();
     if (n == 0) return;
+    const bool gemv = use_gemv(n);
 #if defined(LORA_WITH_ONEDNN)
-    if (backend_ == Bf16Backend::OneDnn) {
+    if (backend_ == Bf16Backend::OneDnn && !gemv) {
       std::lock_guard<std::mutex> lock(onednn_->mutex);
       const detail::bf16* xb = onednn_->rounded(X);
-      onednn_->cache.run(
-          onednn::product_shape(d, k, n, k, H.outerStride(), onednn::dt::bf16, accumulate), xb,
-          bf16_weight().data(), H.data());
+      onednn_->cache.run(onednn::product_shape(d, k, n, k, H.outerStride(), onednn::dt::bf16,
+                                               accumulate, layout_ == Bf16WeightLayout::Prepacked),
+                         xb, bf16_weight().data(), H.data(), weight_version());
       return;
     }
 #endif
@@ -278,6 +348,11 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
     Eigen::Map<Matrix> Xr(scratch(1, k * n), k, n);
     for (Index j = 0; j < n; ++j)
       detail::round_through_bf16(X.data() + j * X.outerStride(), Xr.col(j).data(), k);
+    if (gemv) {  // H (+)= W Xr, one pass over W
+      detail::bf16_gemv(bf16_weight().data(), d, k, Xr.data(), k, n, H.data(), H.outerStride(),
+                        accumulate, Eigen::nbThreads());
+      return;
+    }
     if (!accumulate) H.setZero();
     const detail::Bf16Matrix& W = bf16_weight();
     float* panel = scratch(0, d * kPanelDepth);
@@ -293,13 +368,15 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
                           bool accumulate) const {
     const Index d = out_features(), k = in_features(), n = G.cols();
     if (n == 0) return;
+    const bool gemv = use_gemv(n);
 #if defined(LORA_WITH_ONEDNN)
-    if (backend_ == Bf16Backend::OneDnn) {
+    if (backend_ == Bf16Backend::OneDnn && !gemv) {
       std::lock_guard<std::mutex> lock(onednn_->mutex);
       const detail::bf16* gb = onednn_->rounded(G);
-      onednn_->cache.run(onednn::transposed_product_shape(d, k, n, d, dX.outerStride(),
-                                                          onednn::dt::bf16, accumulate),
-                         gb, bf16_weight().data(), dX.data());
+      onednn_->cache.run(
+          onednn::transposed_product_shape(d, k, n, d, dX.outerStride(), onednn::dt::bf16,
+                                           accumulate, layout_ == Bf16WeightLayout::Prepacked),
+          gb, bf16_weight().data(), dX.data(), weight_version());
       return;
     }
 #endif
@@ -307,6 +384,11 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
     for (Index j = 0; j < n; ++j)
       detail::round_through_bf16(G.data() + j * G.outerStride(), Gr.col(j).data(), d);
     if (!accumulate) dX.setZero();
+    if (gemv) {  // dX += W^T Gr, a dot product per column of W
+      detail::bf16_gemv_transposed_add(bf16_weight().data(), d, k, Gr.data(), d, n, dX.data(),
+                                       dX.outerStride(), Eigen::nbThreads());
+      return;
+    }
     const detail::Bf16Matrix& W = bf16_weight();
     float* panel = scratch(0, kPanelDepth * k);
     for (Index i = 0; i < d; i += kPanelDepth) {  // dX += W(i:i+p, :)^T * Gr(i:i+p, :)
@@ -322,6 +404,9 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
   bool is_merged_ = false;
   MergeMode mode_;
   Bf16Backend backend_;
+  Bf16WeightLayout layout_;
+  // Name the contents of pristine_ and merged_ for the prepacked copies (bumped when they change).
+  std::uint64_t pristine_version_ = 0, merged_version_ = 0;
 
 #if defined(LORA_WITH_ONEDNN)
   // Cached primitives and the bf16 copy of the product's input, behind one mutex.

@@ -2,8 +2,13 @@
 // Keeps the frozen-storage contract (frozen_storage.hpp) as DenseFrozenWeight<float> does: use it
 // as
 //   lora::LoRALinear<float, lora::onednn::OneDnnFrozenWeight>
-// Storage and merge are DenseFrozenWeight's own (a plain column-major Eigen matrix, which oneDNN
-// reads through strides); only the products change. Include explicitly and link lora::onednn.
+// Storage and merge are DenseFrozenWeight's own (a plain column-major Eigen matrix); only the
+// products change. Include explicitly and link lora::onednn.
+// By default (WeightLayout::Prepacked) oneDNN multiplies a copy of W in the layout it prefers on
+// this CPU, made at the first product and again at the first product after each merge and
+// unmerge: one fp32 copy of W per orientation used (W X; W^T G once the layer trains). It is
+// faster than reading the stored weight through strides (WeightLayout::Strided, no copy) at every
+// batch size measured on a Zen 4, by far at small batches (docs/performance.md).
 #pragma once
 
 #include "lora/dense_frozen_weight.hpp"
@@ -13,6 +18,7 @@
 #include <Eigen/Core>
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -24,8 +30,9 @@ namespace lora::onednn {
 class OneDnnFrozenWeight : public lora::detail::FrozenStorageBase<OneDnnFrozenWeight, float> {
  public:
   /// Takes W0 (out x in); pass an rvalue to move it in.
-  explicit OneDnnFrozenWeight(Matrix W0, MergeMode mode = MergeMode::InPlace)
-      : dense_(std::move(W0), mode) {
+  explicit OneDnnFrozenWeight(Matrix W0, MergeMode mode = MergeMode::InPlace,
+                              WeightLayout layout = WeightLayout::Prepacked)
+      : dense_(std::move(W0), mode), layout_(layout) {
     cache_.create();
   }
 
@@ -47,18 +54,28 @@ class OneDnnFrozenWeight : public lora::detail::FrozenStorageBase<OneDnnFrozenWe
   bool all_finite() const { return dense_.all_finite(); }
   /// The row norms of W0, in double (see DenseFrozenWeight::row_norms).
   void row_norms(Eigen::Ref<Eigen::VectorXd> out) const { dense_.row_norms(out); }
-  /// Bytes held (see DenseFrozenWeight::stored_bytes).
-  std::size_t stored_bytes() const { return dense_.stored_bytes(); }
+  /// The weight, any merged copy, and the prepacked copies (WeightLayout::Prepacked).
+  std::size_t stored_bytes() const { return dense_.stored_bytes() + cache_->packed_bytes(); }
+  /// How the weight is handed to oneDNN (chosen at construction).
+  WeightLayout weight_layout() const { return layout_; }
+  /// One line per product run so far: its shape, layout and oneDNN's implementation string.
+  std::string product_report() const {
+    std::string out;
+    for (const std::string& line : cache_->report()) out += line + "\n";
+    return out;
+  }
 
   /// As DenseFrozenWeight<float>::merge: W = diag(g)(W0 + s B A), refused when not finite.
   void merge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
              const Eigen::Ref<const Vector>& g) {
     dense_.merge(s, B, A, g);
+    ++version_;  // a prepacked copy is remade at the next product
   }
   /// Back to W0 (see DenseFrozenWeight::unmerge).
   void unmerge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
                const Eigen::Ref<const Vector>& g) {
     dense_.unmerge(s, B, A, g);
+    ++version_;
   }
 
   /// What oneDNN runs on this CPU.
@@ -71,22 +88,26 @@ class OneDnnFrozenWeight : public lora::detail::FrozenStorageBase<OneDnnFrozenWe
     if (X.cols() == 0) return;
     const Matrix& W = dense_.matrix();
     cache_->run(product_shape(W.rows(), W.cols(), X.cols(), X.outerStride(), H.outerStride(),
-                              dt::f32, accumulate),
-                X.data(), W.data(), H.data());
+                              dt::f32, accumulate, layout_ == WeightLayout::Prepacked),
+                X.data(), W.data(), H.data(), version_);
   }
 
   void transposed_product(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX,
                           bool accumulate) const {
     if (G.cols() == 0) return;
     const Matrix& W = dense_.matrix();
-    cache_->run(transposed_product_shape(W.rows(), W.cols(), G.cols(), G.outerStride(),
-                                         dX.outerStride(), dt::f32, accumulate),
-                G.data(), W.data(), dX.data());
+    cache_->run(
+        transposed_product_shape(W.rows(), W.cols(), G.cols(), G.outerStride(), dX.outerStride(),
+                                 dt::f32, accumulate, layout_ == WeightLayout::Prepacked),
+        G.data(), W.data(), dX.data(), version_);
   }
 
   DenseFrozenWeight<float> dense_;
-  // Primitives per shape (mutable state behind a mutex); a copy builds its own on first use.
+  // Primitives per shape and prepacked weights (mutable state behind a mutex); a copy builds
+  // its own on first use.
   lora::detail::FreshOnCopy<MatmulCache> cache_;
+  WeightLayout layout_;
+  std::uint64_t version_ = 0;  // bumped when W changes (merge, unmerge): prepacked copies follow
 };
 
 }  // namespace lora::onednn
