@@ -77,16 +77,18 @@ T scaling_as(const LoRAConfig& cfg) {
   return static_cast<T>(s);
 }
 
+/// The trainable half of a LoRA layer: A (r x k), B (d x r), an optional lora bias and, for DoRA,
+/// the magnitude, with their gradients (see the top of this file).
 template <typename T>
 class LoRAAdapter {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "lora: adapters support T = float or T = double only; convert other types first.");
 
  public:
-  using Scalar = T;
-  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
-  using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
-  using Index = Eigen::Index;
+  using Scalar = T;                                                 ///< float or double
+  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;  ///< a dense T matrix
+  using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;               ///< a dense T vector
+  using Index = Eigen::Index;                                       ///< Eigen's index type
 
   /// A fresh adapter for a d x k weight: A drawn as cfg.init says (seeded), B = 0. With
   /// cfg.use_dora, m (length d) is set to the row norms of W0 when the adapter joins a layer (until
@@ -163,9 +165,13 @@ class LoRAAdapter {
     if (t_) t_->retire();
   }
 
+  /// r, the rank.
   Index rank() const { return tensors().A.rows(); }
+  /// k, the columns of A.
   Index in_features() const { return tensors().A.cols(); }
+  /// d, the rows of B.
   Index out_features() const { return tensors().B.rows(); }
+  /// The adapter's hyper-parameters.
   const LoRAConfig& config() const { return config_; }
 
   /// s = alpha / r (or alpha / sqrt(r) with rsLoRA), as a T.
@@ -176,10 +182,13 @@ class LoRAAdapter {
   /// Mutable A and B (to initialise or edit them; never resize them). A layer that has merged
   /// this adapter keeps a copy of the merged factors, so a change here cannot corrupt W0.
   Matrix& A() { return tensors().A; }
+  /// Mutable B (see A()).
   Matrix& B() { return tensors().B; }
   const Matrix& grad_A() const { return tensors().grad_A; }  ///< dL/dA, r x k, accumulated
   const Matrix& grad_B() const { return tensors().grad_B; }  ///< dL/dB, d x r, accumulated
+  /// Mutable dL/dA (an optimizer or a reducer writes it).
   Matrix& grad_A() { return tensors().grad_A; }
+  /// Mutable dL/dB.
   Matrix& grad_B() { return tensors().grad_B; }
 
   /// Replaces A and B (for example with loaded values); shapes must match this adapter.
@@ -232,6 +241,7 @@ class LoRAAdapter {
   /// Mutable m (to edit it; never resize it). A merged layer keeps a copy of what it merged.
   Vector& magnitude() { return tensors().magnitude; }
   const Vector& grad_magnitude() const { return tensors().grad_magnitude; }  ///< dL/dm, length d
+  /// Mutable dL/dm.
   Vector& grad_magnitude() { return tensors().grad_magnitude; }
   /// True for a fresh DoRA adapter until a layer sets m to the row norms of its W0 (PEFT's
   /// initialisation); false once m was set, by a layer or by set_magnitude.
@@ -257,8 +267,10 @@ class LoRAAdapter {
   /// True when the adapter carries a bias b_B (length d) on B.
   bool has_lora_bias() const { return tensors().lora_bias.size() != 0; }
   const Vector& lora_bias() const { return tensors().lora_bias; }  ///< b_B, length d (or empty)
+  /// Mutable b_B (never resize it: use set_lora_bias).
   Vector& lora_bias() { return tensors().lora_bias; }
   const Vector& grad_lora_bias() const { return tensors().grad_lora_bias; }  ///< dL/db_B
+  /// Mutable dL/db_B.
   Vector& grad_lora_bias() { return tensors().grad_lora_bias; }
 
   /// Gives the adapter a bias on B, set to b (length d), with a zero gradient. Throws

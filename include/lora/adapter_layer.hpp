@@ -60,13 +60,13 @@ class AdapterLayer {
                 "LoRALinear<float, Bf16FrozenWeight>).");
 
  public:
-  using Scalar = T;
-  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
-  using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
-  using Index = Eigen::Index;
-  using Adapter = LoRAAdapter<T>;
-  using WorkspaceType = Workspace<T>;
-  using FrozenStorage = Frozen;
+  using Scalar = T;                                                 ///< float or double
+  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;  ///< a dense T matrix
+  using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;               ///< a dense T vector
+  using Index = Eigen::Index;                                       ///< Eigen's index type
+  using Adapter = LoRAAdapter<T>;                                   ///< the trainable half
+  using WorkspaceType = Workspace<T>;  ///< scratch for the out-parameter calls
+  using FrozenStorage = Frozen;        ///< the storage of W0 (see frozen_storage.hpp)
 
  protected:
   // The multi-adapter part of the API (this block and the two below, marked "protected:"):
@@ -86,6 +86,7 @@ class AdapterLayer {
   }
 
  public:
+  /// A deep copy: the copy's adapters, parameter views and frozen storage are its own.
   AdapterLayer(const AdapterLayer& o)
       : frozen_(o.frozen_),
         bias_(o.bias_),
@@ -101,18 +102,23 @@ class AdapterLayer {
     entries_.reserve(o.entries_.size());
     for (const auto& e : o.entries_) entries_.push_back(std::make_unique<Entry>(*e));
   }
+  /// As the copy constructor.
   AdapterLayer& operator=(const AdapterLayer& o) {
     if (this != &o) *this = AdapterLayer(o);
     return *this;
   }
+  /// Moves the layer; parameter views of its adapters stay valid.
   AdapterLayer(AdapterLayer&&) noexcept = default;
+  /// As the move constructor.
   AdapterLayer& operator=(AdapterLayer&&) noexcept = default;
 
   // ---- the frozen side -------------------------------------------------------------------------
 
   Index in_features() const { return frozen_.in_features(); }    ///< k
   Index out_features() const { return frozen_.out_features(); }  ///< d
+  /// The frozen storage of W0.
   const Frozen& frozen() const { return frozen_; }
+  /// True when the layer has a frozen bias.
   bool has_bias() const { return bias_.size() != 0; }
   const Vector& bias() const { return bias_; }  ///< length d, or empty
   /// The weight in use as a new d x k matrix: W0, or W0 + s B A of the merged adapter.
@@ -172,7 +178,9 @@ class AdapterLayer {
     forget_tape();
   }
 
+  /// True when an adapter named `name` exists.
   bool has_adapter(const std::string& name) const { return find(name) >= 0; }
+  /// The number of adapters.
   std::size_t adapter_count() const { return entries_.size(); }
 
   /// Names in the order added: the index of a name here is its adapter_index.
@@ -185,6 +193,7 @@ class AdapterLayer {
   /// The index of `name` for mixed batches (its position in adapter_names()).
   int adapter_index(const std::string& name) const { return index_or_throw("adapter_index", name); }
 
+  /// Adapter `name` (std::invalid_argument, listing the names, when there is none).
   const Adapter& adapter(const std::string& name) const {
     return entry(index_or_throw("adapter", name)).adapter;
   }
@@ -244,6 +253,7 @@ class AdapterLayer {
     active_ = -1;
   }
 
+  /// True when an adapter is active.
   bool has_active() const { return active_ >= 0; }
 
   /// The active adapter's name; throws std::logic_error when none is active.
@@ -262,6 +272,7 @@ class AdapterLayer {
   void train(bool on = true) { training_ = on; }
   /// Evaluation mode: no dropout; forward is deterministic and thread-safe.
   void eval() { training_ = false; }
+  /// True in training mode.
   bool is_training() const { return training_; }
   /// True when forward masks the active adapter's input: training mode and its dropout > 0.
   bool dropout_active() const {
@@ -477,6 +488,7 @@ class AdapterLayer {
     }
   }
 
+  /// As above, with a workspace of its own (allocates).
   void backward_without_input_grad(const Eigen::Ref<const Matrix>& X,
                                    const Eigen::Ref<const Matrix>& G) {
     WorkspaceType ws;
@@ -558,6 +570,7 @@ class AdapterLayer {
     frozen_.unmerge(merged_.scaling, merged_.B, merged_.A, merged_.g);
   }
 
+  /// True while the active adapter is merged into the weight.
   bool is_merged() const { return frozen_.is_merged(); }
 
   // ---- numerical health ------------------------------------------------------------------------
@@ -587,14 +600,19 @@ class AdapterLayer {
   }
 
  protected:
+  /// A named adapter.
   struct Entry {
-    std::string name;
-    Adapter adapter;
+    std::string name;  ///< its name
+    Adapter adapter;   ///< its tensors
   };
 
+  /// The i-th adapter (no check: the faces pass valid indices).
   const Entry& entry(int i) const { return *entries_[static_cast<std::size_t>(i)]; }
+  /// The i-th adapter (no check: the faces pass valid indices).
   Entry& entry(int i) { return *entries_[static_cast<std::size_t>(i)]; }
+  /// The index of the active adapter, or -1.
   int active_index() const { return active_; }
+  /// The face's name, for messages.
   const char* face() const { return face_; }
 
  private:

@@ -110,6 +110,7 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
   Bf16Backend backend() const {
     return backend_;
   }
+  /// How the OneDnn back end hands the weight to oneDNN (chosen at construction).
   Bf16WeightLayout weight_layout() const {
     return layout_;
   }

@@ -66,30 +66,30 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
 
   // ---- the adapter -----------------------------------------------------------------------------
 
-  Index rank() const { return adapter().rank(); }  ///< r
-  const LoRAConfig& config() const { return adapter().config(); }
+  Index rank() const { return adapter().rank(); }                  ///< r
+  const LoRAConfig& config() const { return adapter().config(); }  ///< the adapter's config
   T scaling() const { return adapter().scaling(); }  ///< s = alpha / r or alpha / sqrt(r)
 
   /// A (r x k) and B (d x r). Writing them while merged is safe (unmerge() removes exactly what was
   /// merged) but a merged forward then refuses until the layer is merged again.
   const Matrix& A() const { return adapter().A(); }
-  const Matrix& B() const { return adapter().B(); }
-  Matrix& A() { return adapter().A(); }
-  Matrix& B() { return adapter().B(); }
+  const Matrix& B() const { return adapter().B(); }            ///< B, d x r
+  Matrix& A() { return adapter().A(); }                        ///< mutable A (never resize it)
+  Matrix& B() { return adapter().B(); }                        ///< mutable B (never resize it)
   const Matrix& grad_A() const { return adapter().grad_A(); }  ///< dL/dA, r x k
   const Matrix& grad_B() const { return adapter().grad_B(); }  ///< dL/dB, d x r
-  Matrix& grad_A() { return adapter().grad_A(); }
-  Matrix& grad_B() { return adapter().grad_B(); }
+  Matrix& grad_A() { return adapter().grad_A(); }              ///< mutable dL/dA
+  Matrix& grad_B() { return adapter().grad_B(); }              ///< mutable dL/dB
 
   /// DoRA's magnitude m (length d; empty unless config().use_dora) and its gradient. Writing m
   /// while merged is safe, as for A and B.
   const Vector& magnitude() const { return adapter().magnitude(); }
-  Vector& magnitude() { return adapter().magnitude(); }
+  Vector& magnitude() { return adapter().magnitude(); }  ///< mutable m (never resize it)
   const Vector& grad_magnitude() const { return adapter().grad_magnitude(); }  ///< dL/dm
-  Vector& grad_magnitude() { return adapter().grad_magnitude(); }
+  Vector& grad_magnitude() { return adapter().grad_magnitude(); }              ///< mutable dL/dm
 
-  const Adapter& adapter() const { return Core::entry(0).adapter; }
-  Adapter& adapter() { return Core::entry(0).adapter; }
+  const Adapter& adapter() const { return Core::entry(0).adapter; }  ///< the one adapter
+  Adapter& adapter() { return Core::entry(0).adapter; }              ///< the one adapter, mutable
 
   /// Replaces A (r x k) and B (d x r), e.g. with loaded values; throws std::logic_error while
   /// merged.

@@ -157,9 +157,10 @@ struct MatmulShape {
 };
 
 namespace impl_detail {
+/// The oneDNN implementations that lora's products have run on, for the reports.
 struct ImplementationRegistry {
-  std::mutex mutex;
-  std::vector<std::string> names;
+  std::mutex mutex;                ///< guards names
+  std::vector<std::string> names;  ///< one per distinct implementation string
 };
 inline ImplementationRegistry& implementation_registry() {
   static ImplementationRegistry r;
