@@ -35,13 +35,11 @@ namespace lora {
 /// default.
 template <typename T, typename Frozen = DenseFrozenWeight<T>>
 class LoRALinear : public AdapterLayer<T, Frozen> {
-  using Core = AdapterLayer<T, Frozen>;
-
  public:
-  using typename Core::Adapter;
-  using typename Core::Index;
-  using typename Core::Matrix;
-  using typename Core::Vector;
+  using Adapter = typename AdapterLayer<T, Frozen>::Adapter;  ///< the trainable half
+  using Index = typename AdapterLayer<T, Frozen>::Index;      ///< Eigen's index type
+  using Matrix = typename AdapterLayer<T, Frozen>::Matrix;    ///< a dense T matrix
+  using Vector = typename AdapterLayer<T, Frozen>::Vector;    ///< a dense T vector
 
   /// Wraps the frozen weight W0 (d x k); pass an rvalue to move it in instead of copying.
   explicit LoRALinear(Matrix W0, const LoRAConfig& config = LoRAConfig{})
@@ -116,6 +114,8 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
   Matrix delta_weight() const { return scaling() * B() * A(); }
 
  private:
+  using Core = AdapterLayer<T, Frozen>;
+
   static constexpr const char* kName = "default";  // PEFT's name for a model's one adapter
 
   static Matrix checked_weight(Matrix W0, const LoRAConfig& config) {
