@@ -59,8 +59,10 @@ LORA_FULL_OPTIONS=(-DCMAKE_BUILD_TYPE=Release -DLORA_WERROR=ON -DLORA_NATIVE=ON
   -DLORA_BUILD_FUZZERS=OFF -DLORA_INSTALL=ON -DLORA_UNITY_TESTS=ON
   -DLORA_WITH_ONEDNN=ON -DLORA_WITH_MPI=ON)
 
-# lora_configure BUILD_DIR: configure the full build (every option above).
+# lora_configure BUILD_DIR: configure the full build (every option above). The tests compare with
+# llama.cpp's own prebuilt libraries: fetched first (scripts/fetch_llama_cpp, npm), or the build fails.
 lora_configure() {
+  bash "$LORA_ROOT/scripts/fetch_llama_cpp"
   cmake -S "$LORA_ROOT" -B "$1" -G Ninja "${LORA_FULL_OPTIONS[@]}" >/dev/null
 }
 

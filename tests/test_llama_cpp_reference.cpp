@@ -1,0 +1,36 @@
+// The reference the GGUF tests compare with is llama.cpp's own prebuilt CPU build (fetched by
+// scripts/fetch_llama_cpp): this checks that it loads here and runs ggml's own quantizer and
+// dequantizer, so a broken fetch fails one clear test first.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "llama.h"
+
+namespace test_llama_cpp_reference {
+
+TEST(LlamaCppReference, LoadsTheCpuBackEnd) {
+  ggml_backend_load_all_from_path(LORA_LLAMA_CPP_LIB_DIR);
+  llama_backend_init();
+  EXPECT_GE(ggml_backend_dev_count(), 1u);
+  EXPECT_NE(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU), nullptr);
+  llama_backend_free();
+}
+
+TEST(LlamaCppReference, Q8_0RoundTripThroughGgml) {
+  // 32 values quantized by ggml's own Q8_0 quantizer, then dequantized by its own to_float.
+  std::vector<float> x(32);
+  for (int i = 0; i < 32; ++i) x[i] = std::sin(0.3f * static_cast<float>(i));
+  std::vector<std::uint8_t> blocks(ggml_row_size(GGML_TYPE_Q8_0, 32));
+  ASSERT_EQ(blocks.size(), 34u);
+  ggml_quantize_chunk(GGML_TYPE_Q8_0, x.data(), blocks.data(), 0, 1, 32, nullptr);
+  std::vector<float> y(32);
+  ggml_get_type_traits(GGML_TYPE_Q8_0)->to_float(blocks.data(), y.data(), 32);
+  for (int i = 0; i < 32; ++i) EXPECT_NEAR(y[i], x[i], 1.0f / 127.0f) << i;
+}
+
+}  // namespace test_llama_cpp_reference
