@@ -10,6 +10,7 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "llama.h"
+#include "lora/io/ggml_types.hpp"
 
 namespace test_llama_cpp_reference {
 
@@ -31,6 +32,24 @@ TEST(LlamaCppReference, Q8_0RoundTripThroughGgml) {
   std::vector<float> y(32);
   ggml_get_type_traits(GGML_TYPE_Q8_0)->to_float(blocks.data(), y.data(), 32);
   for (int i = 0; i < 32; ++i) EXPECT_NEAR(y[i], x[i], 1.0f / 127.0f) << i;
+}
+
+TEST(LlamaCppReference, GgmlTypeTableIsGgmls) {
+  // lora's table of block sizes and bytes per block against ggml's own, for every type number.
+  for (int value = 0; value < GGML_TYPE_COUNT; ++value) {
+    const ggml_type_traits* theirs = ggml_get_type_traits(static_cast<ggml_type>(value));
+    const lora::io::GgmlTypeTraits* ours =
+        lora::io::ggml_type_traits(static_cast<std::uint32_t>(value));
+    if (theirs->blck_size == 0) {
+      EXPECT_EQ(ours, nullptr) << value;
+      continue;
+    }
+    ASSERT_NE(ours, nullptr) << value;
+    EXPECT_STREQ(ours->name, theirs->type_name) << value;
+    EXPECT_EQ(ours->block_size, static_cast<std::uint32_t>(theirs->blck_size)) << value;
+    EXPECT_EQ(ours->type_size, theirs->type_size) << value;
+  }
+  EXPECT_EQ(lora::io::ggml_type_traits(static_cast<std::uint32_t>(GGML_TYPE_COUNT)), nullptr);
 }
 
 }  // namespace test_llama_cpp_reference
