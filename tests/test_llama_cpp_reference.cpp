@@ -5,11 +5,13 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "llama.h"
+#include "lora/io/ggml_quants.hpp"
 #include "lora/io/ggml_types.hpp"
 
 namespace test_llama_cpp_reference {
@@ -50,6 +52,36 @@ TEST(LlamaCppReference, GgmlTypeTableIsGgmls) {
     EXPECT_EQ(ours->type_size, theirs->type_size) << value;
   }
   EXPECT_EQ(lora::io::ggml_type_traits(static_cast<std::uint32_t>(GGML_TYPE_COUNT)), nullptr);
+}
+
+TEST(LlamaCppReference, Q8_0IsGgmlsBitForBit) {
+  // Blocks from ggml's quantizer and from lora's are the same bytes, and dequantize to the same
+  // floats; adversarial blocks included: all zero, all equal, one outlier, halves, tiny and huge.
+  std::vector<float> x;
+  std::uint32_t state = 12345;
+  auto uniform = [&state] {
+    state = state * 1664525u + 1013904223u;
+    return static_cast<float>(state >> 8) / 16777216.0f * 2.0f - 1.0f;
+  };
+  for (int i = 0; i < 32 * 64; ++i) x.push_back(uniform() * 3.0f);
+  for (int i = 0; i < 32; ++i) x.push_back(0.0f);
+  for (int i = 0; i < 32; ++i) x.push_back(-0.75f);
+  for (int i = 0; i < 32; ++i) x.push_back(i == 7 ? 1e4f : 1e-3f * static_cast<float>(i));
+  for (int i = 0; i < 32; ++i) x.push_back(127.0f * (static_cast<float>(i) + 0.5f) / 32.0f);
+  for (int i = 0; i < 32; ++i) x.push_back(1e-30f * uniform());
+  for (int i = 0; i < 32; ++i) x.push_back(6e4f * uniform());
+  const std::size_t n = x.size();
+  std::vector<std::uint8_t> theirs(ggml_row_size(GGML_TYPE_Q8_0, static_cast<std::int64_t>(n)));
+  std::vector<std::uint8_t> ours(theirs.size());
+  ggml_quantize_chunk(GGML_TYPE_Q8_0, x.data(), theirs.data(), 0, 1, static_cast<std::int64_t>(n),
+                      nullptr);
+  lora::io::ggml::quantize_q8_0(x.data(), ours.data(), n);
+  EXPECT_EQ(ours, theirs);
+  std::vector<float> y_theirs(n), y_ours(n);
+  ggml_get_type_traits(GGML_TYPE_Q8_0)
+      ->to_float(theirs.data(), y_theirs.data(), static_cast<std::int64_t>(n));
+  lora::io::ggml::dequantize_q8_0(theirs.data(), y_ours.data(), n);
+  EXPECT_EQ(0, std::memcmp(y_ours.data(), y_theirs.data(), n * sizeof(float)));
 }
 
 }  // namespace test_llama_cpp_reference
