@@ -557,8 +557,9 @@ class AdapterLayer {
       dora_scales(e.adapter, ws, sc);
       // The row scale unmerge divides out again: c = m / ||W|| in double, then rounded to T (a c
       // that overflows T, or whose inverse does, is refused by the storage's merge).
-      merged_.g = (sc.col(0).template cast<double>().cwiseProduct(sc.col(1).template cast<double>()))
-                      .template cast<T>();
+      merged_.g =
+          (sc.col(0).template cast<double>().cwiseProduct(sc.col(1).template cast<double>()))
+              .template cast<T>();
     } else {
       merged_.g.resize(0);
     }

@@ -92,8 +92,8 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
       for (Index j = 0; j < back.cols(); ++j)
         for (Index i = 0; i < back.rows(); ++i)
           if (!std::isfinite(back(i, j)))
-            throw std::domain_error(detail::concat("Bf16FrozenWeight: W0(", i, ", ", j, ") = ",
-                                                   W0(i, j), " rounds to ", back(i, j),
+            throw std::domain_error(detail::concat("Bf16FrozenWeight: W0(", i, ", ", j,
+                                                   ") = ", W0(i, j), " rounds to ", back(i, j),
                                                    " in bf16 (largest finite: about 3.3962e38)"));
     }
 #if defined(LORA_WITH_ONEDNN)

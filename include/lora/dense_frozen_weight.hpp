@@ -76,9 +76,9 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
   /// temporary in the common case. ExactRestore builds it in a second buffer beside W0.
   /// Throws std::domain_error, leaving the weight as it was, where the result is not finite
   /// although W0 was (an infinity would survive unmerge() and corrupt W0 for good), and in InPlace
-  /// mode where a row scale g_i or its inverse is not finite in T (unmerge() divides by g_i). InPlace mode
-  /// updates in place when a cheap O(r (d + k)) bound proves that impossible, and otherwise builds
-  /// the sum aside and checks it first.
+  /// mode where a row scale g_i or its inverse is not finite in T (unmerge() divides by g_i).
+  /// InPlace mode updates in place when a cheap O(r (d + k)) bound proves that impossible, and
+  /// otherwise builds the sum aside and checks it first.
   void merge(T s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
              const Eigen::Ref<const Vector>& g) {
     this->check_merge_call("DenseFrozenWeight::merge", true, g);

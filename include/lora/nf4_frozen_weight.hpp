@@ -331,7 +331,6 @@ class Nf4FrozenWeight : public detail::FrozenStorageBase<Nf4FrozenWeight, float>
   }
 
  private:
-
   template <typename Out, typename Decode>
   void row_segment(Index row, Index col0, Index count, Out* out, Decode&& decode) const {
     eigen_assert(col0 % kBlock == 0 && col0 + count <= k_);
@@ -540,8 +539,7 @@ class Nf4FrozenWeight : public detail::FrozenStorageBase<Nf4FrozenWeight, float>
         const Index cols = std::min(C, k_ - j0);
         // The tile row-major (rows x cols): row i at panel + i * cols.
         detail::bf16* panel = buffer_bf16(1, rows * cols);
-        for (Index i = 0; i < rows; ++i)
-          dequantize_row_bf16(i0 + i, j0, cols, panel + i * cols);
+        for (Index i = 0; i < rows; ++i) dequantize_row_bf16(i0 + i, j0, cols, panel + i * cols);
         // H(i0:i0+rows, :)^T (n x rows) (+)= X(j0:j0+cols, :)^T (n x cols) * tile^T.
         onednn::MatmulShape s;
         s.M = n;
@@ -571,8 +569,7 @@ class Nf4FrozenWeight : public detail::FrozenStorageBase<Nf4FrozenWeight, float>
         const Index rows = std::min(R, d_ - i0);
         // The tile row-major (rows x cols): W'(i0 + i, j0 + j) at panel + i * cols + j.
         detail::bf16* panel = buffer_bf16(1, rows * cols);
-        for (Index i = 0; i < rows; ++i)
-          dequantize_row_bf16(i0 + i, j0, cols, panel + i * cols);
+        for (Index i = 0; i < rows; ++i) dequantize_row_bf16(i0 + i, j0, cols, panel + i * cols);
         // dX(j0:j0+cols, :)^T (n x cols) (+)= G(i0:i0+rows, :)^T (n x rows) * tile.
         onednn::MatmulShape s;
         s.M = n;

@@ -84,9 +84,9 @@ T clip_grad_norm(const std::vector<ParameterView<T>>& params, T max_norm) {
     norm = amax * std::sqrt(sum_sq);
   }
   if (!std::isfinite(norm)) {
-    throw std::domain_error(detail::concat(
-        "lora::clip_grad_norm: the gradient norm overflows double (largest element ", amax,
-        "); the gradients were left unscaled"));
+    throw std::domain_error(
+        detail::concat("lora::clip_grad_norm: the gradient norm overflows double (largest element ",
+                       amax, "); the gradients were left unscaled"));
   }
   const double coef = static_cast<double>(max_norm) / (norm + 1e-6);
   if (coef < 1.0) {

@@ -41,8 +41,9 @@ enum class Combination {
 /// One adapter equal to sum_i weights[i] * s_i * B_i * A_i (Cat), or its best approximation of rank
 /// `svd_rank` (Svd; 0 means the largest input rank, PEFT's default). All adapters must be for the
 /// same d x k weight. Throws std::invalid_argument for empty or mismatched inputs, a DoRA
-/// adapter, a non-finite weight, or a rank the layer cannot hold (Cat: sum of ranks <= min(d, k); Svd: 1 <= t <= sum of
-/// ranks), and std::domain_error when the combination is not finite in T (weights too large).
+/// adapter, a non-finite weight, or a rank the layer cannot hold (Cat: sum of ranks <= min(d, k);
+/// Svd: 1 <= t <= sum of ranks), and std::domain_error when the combination is not finite in T
+/// (weights too large).
 template <typename T>
 LoRAAdapter<T> combine_adapters(const std::vector<const LoRAAdapter<T>*>& adapters,
                                 const std::vector<double>& weights, Combination how,
