@@ -139,3 +139,117 @@ TEST(Concurrency, SeparateLayersTrainConcurrentlyAsTheyDoAlone) {
 }
 
 }  // namespace
+
+// ---- the adapter store: 1,000 registered, 64 resident, 4 threads serving while adapters are
+// ---- replaced, evicted and reloaded
+namespace store_test {
+
+constexpr int kD = 24, kK = 20, kRank = 4, kRegistered = 1000, kResident = 64;
+constexpr int kServers = 4, kBatches = 150, kColumns = 8;
+using Matrix = Eigen::MatrixXf;
+
+/// Adapter `id` at `version`: a deterministic rank-4 adapter for the one module "proj".
+lora::LoRAAdapter<float> make(int id, int version) {
+  lora::LoRAConfig cfg;
+  cfg.rank = kRank;
+  cfg.alpha = 2.0 + id % 5;
+  cfg.seed = static_cast<std::uint64_t>(id) * 1000 + static_cast<std::uint64_t>(version);
+  lora::LoRAAdapter<float> a(kD, kK, cfg);
+  lora::Rng rng(cfg.seed + 7);
+  lora::fill_normal(a.B(), rng, 0.0, 0.5);
+  return a;
+}
+
+lora::peft::AdapterStore<float>::Loader loader(int id, int version) {
+  return [id, version] {
+    lora::peft::AdapterFile<float> f;
+    f.modules.emplace("proj", make(id, version));
+    return f;
+  };
+}
+
+/// The single-adapter output of column x, computed densely in double: (W0 + s B A) x + b.
+Eigen::VectorXd reference(const Matrix& W0, const Eigen::VectorXf& b, int id, int version,
+                          const Eigen::VectorXf& x) {
+  Eigen::MatrixXd W = W0.cast<double>();
+  if (id >= 0) {
+    const auto a = make(id, version);
+    W += double(a.scaling()) * a.B().cast<double>() * a.A().cast<double>();
+  }
+  return W * x.cast<double>() + b.cast<double>();
+}
+
+}  // namespace store_test
+
+TEST(Concurrency, AdapterStoreServesMixedBatchesWhileAdaptersLoadEvictAndSwap) {
+  using namespace store_test;
+  const Matrix W0 = random_matrix<float>(kD, kK, 1);
+  const Eigen::VectorXf bias = random_matrix<float>(kD, 1, 2).col(0);
+  const lora::DenseFrozenWeight<float> base(W0);
+  const std::size_t one = lora::peft::AdapterStore<float>::bytes_of(loader(0, 0)());
+  lora::peft::AdapterStore<float> store(kResident * one);
+  for (int i = 0; i < kRegistered; ++i) store.add("adapter" + std::to_string(i), loader(i, 0));
+  EXPECT_EQ(store.resident_count(), 0u);  // registered, none loaded
+
+  // committed[i]: the version replace() has installed (a batch that starts later must see it).
+  std::vector<std::atomic<int>> committed(kRegistered);
+  for (auto& c : committed) c.store(0);
+  std::atomic<bool> serving{true};
+  std::vector<int> wrong(kServers, 0), over_budget(kServers, 0);
+
+  std::thread maintenance([&] {  // replaces (hot swaps) and evicts while the servers run
+    lora::Rng rng(99);
+    while (serving.load()) {
+      const int id = static_cast<int>(rng.next() % 96);  // among the hot adapters
+      if (rng.next() % 2 == 0) {
+        const int v = committed[id].load() + 1;
+        store.replace(id, loader(id, v));
+        committed[id].store(v);
+      } else {
+        store.evict(id);
+      }
+      std::this_thread::yield();
+    }
+  });
+  std::vector<std::thread> servers;
+  for (int t = 0; t < kServers; ++t)
+    servers.emplace_back([&, t] {
+      lora::Rng rng(static_cast<std::uint64_t>(t) + 10);
+      lora::Workspace<float> ws;
+      Matrix X(kK, kColumns), H(kD, kColumns);
+      std::vector<int> ids(kColumns), before(kColumns);
+      for (int batch = 0; batch < kBatches; ++batch) {
+        lora::fill_normal(X, rng, 0.0, 1.0);
+        for (int j = 0; j < kColumns; ++j) {
+          const auto r = rng.next() % 100;
+          // Mostly hot adapters (hits, swaps), some cold ones (loads that evict), a few bases.
+          ids[j] = r < 5 ? -1 : r < 75 ? static_cast<int>(rng.next() % 96)
+                                       : static_cast<int>(rng.next() % kRegistered);
+          before[j] = ids[j] < 0 ? 0 : committed[ids[j]].load();
+        }
+        store.forward_mixed(base, bias, "proj", X, ids, H, ws);
+        if (store.resident_count() > static_cast<std::size_t>(kResident)) ++over_budget[t];
+        for (int j = 0; j < kColumns; ++j) {
+          // Not older than what was committed before the batch; at most the one replace() in
+          // flight newer than what is committed after it.
+          const int last = ids[j] < 0 ? 0 : committed[ids[j]].load() + 1;
+          bool match = false;
+          for (int v = before[j]; v <= last && !match; ++v) {
+            const Eigen::VectorXd ref = reference(W0, bias, ids[j], v, X.col(j));
+            match = (H.col(j).cast<double>() - ref).cwiseAbs().maxCoeff() <=
+                    1e-4 * (1 + ref.cwiseAbs().maxCoeff());
+          }
+          if (!match) ++wrong[t];
+        }
+      }
+    });
+  for (auto& s : servers) s.join();
+  serving.store(false);
+  maintenance.join();
+  for (int t = 0; t < kServers; ++t) {
+    EXPECT_EQ(wrong[t], 0) << "server " << t << ": columns matching no current adapter version";
+    EXPECT_EQ(over_budget[t], 0) << "server " << t;
+  }
+  EXPECT_LE(store.resident_bytes(), store.byte_budget());
+  EXPECT_GT(store.loads(), static_cast<std::uint64_t>(kResident));  // evicted and reloaded
+}

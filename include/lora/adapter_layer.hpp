@@ -16,6 +16,7 @@
 #include "lora/dense_frozen_weight.hpp"
 #include "lora/detail/check.hpp"
 #include "lora/detail/finite.hpp"
+#include "lora/detail/segmented_low_rank.hpp"
 #include "lora/frozen_storage.hpp"
 #include "lora/parameter.hpp"
 #include "lora/random.hpp"
@@ -337,8 +338,10 @@ class AdapterLayer {
  protected:
   /// A mixed-adapter batch: column j of X goes through adapter `adapters[j]` (an adapter_index, or
   /// kNoAdapter for the base alone), whatever is active. One W0 X product serves the whole batch;
-  /// each adapter's columns are gathered, multiplied by its low-rank factors and written back:
-  /// O(d k n) + O(sum_a r_a (d + k) n_a). In training mode each column gets its adapter's dropout.
+  /// the columns are grouped by adapter (one counting sort) and each adapter's segment goes
+  /// through its low-rank factors once (detail/segmented_low_rank.hpp): O(d k n) +
+  /// O(sum_a r_a (d + k) n_a), each adapter's A and B read once, whatever the order of the
+  /// columns. In training mode each column gets its adapter's dropout.
   /// Throws std::logic_error while merged (the weight then holds one adapter's delta),
   /// std::invalid_argument for a bad index.
   Matrix forward_mixed(const Eigen::Ref<const Matrix>& X, const std::vector<int>& adapters) const {
@@ -355,9 +358,16 @@ class AdapterLayer {
     require_mixed_args(where, X, adapters);
     detail::require_forward_args(where, X, H, out_features(), in_features());
     const bool dropout = mixed_dropout_active(adapters);
-    if (dropout) draw_dropout_mask(X.cols(), [&](Index j) { return column_dropout(adapters, j); });
     const int count = static_cast<int>(entries_.size());
     const bool dora = mixed_uses_dora(adapters);
+    if (!dropout && !dora) {  // the serving path: one pass per adapter segment, then W0 X
+      detail::assign_segmented_low_rank<T>(
+          X, adapters.data(), count, [&](int a) -> const Adapter& { return entry(a).adapter; },
+          bias_, H, ws);
+      frozen_.multiply_add(X, H);  // (d x k)(k x n)
+      return;
+    }
+    if (dropout) draw_dropout_mask(X.cols(), [&](Index j) { return column_dropout(adapters, j); });
     // DoRA's m and 1/||W|| of adapter a in columns 2a, 2a + 1 (they scale its columns after the
     // frozen product).
     auto scales = ws.get(Slot::DoraScales, out_features(), dora ? 2 * count : 0);

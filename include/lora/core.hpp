@@ -24,5 +24,6 @@
 #include "lora/random.hpp"
 #include "lora/summary.hpp"
 #include "lora/version.hpp"
+#include "lora/weighted_active_set.hpp"
 #include "lora/weighted_adapter.hpp"
 #include "lora/workspace.hpp"

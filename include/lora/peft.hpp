@@ -8,4 +8,6 @@
 #include "lora/io/safetensors_writer.hpp"
 #include "lora/peft/adapter_config.hpp"
 #include "lora/peft/adapter_io.hpp"
+#include "lora/peft/adapter_store.hpp"
+#include "lora/peft/hotswap.hpp"
 #include "lora/peft/make_layers.hpp"

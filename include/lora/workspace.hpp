@@ -34,6 +34,13 @@ enum class Slot : int {
   Count            ///< the number of slots (not a slot)
 };
 
+/// Integer scratch of a layer's calls, by role (see Workspace::indices).
+enum class IndexSlot : int {
+  ColumnOrder,   ///< n: a mixed batch's columns, grouped by adapter
+  SegmentStart,  ///< adapters + 1: where each adapter's columns start in ColumnOrder
+  Count          ///< the number of index slots (not a slot)
+};
+
 template <typename T>
 /// Scratch buffers for a layer's out-parameter calls, named by Slot; owned by the caller and reused
 /// across steps so that a training loop allocates nothing once the buffers have grown.
@@ -43,6 +50,8 @@ class Workspace {
   using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
   /// A view of scratch memory as a matrix.
   using View = Eigen::Map<Matrix>;
+  /// A vector of indices (integer scratch).
+  using IndexVector = Eigen::Matrix<Eigen::Index, Eigen::Dynamic, 1>;
 
   /// A rows x cols scratch matrix in `slot`; the slots are independent buffers. A buffer grows
   /// when a larger view is asked for and is never shrunk, so steady-state calls do not allocate.
@@ -56,19 +65,33 @@ class Workspace {
     return View(b.data(), rows, cols);
   }
 
+  /// An integer scratch vector of `size` in `slot`, grown like get()'s buffers, never shrunk.
+  Eigen::Map<IndexVector> indices(IndexSlot slot, Eigen::Index size) {
+    const int i = static_cast<int>(slot);
+    eigen_assert(i >= 0 && i < kIndexSlots && "lora::Workspace: no such index slot");
+    IndexVector& b = index_slots_[i];
+    if (b.size() < size) b.resize(size);
+    return Eigen::Map<IndexVector>(b.data(), size);
+  }
+
   /// Bytes held by all slots.
   std::size_t bytes() const {
     std::size_t n = 0;
     for (const Buffer& b : slots_) n += static_cast<std::size_t>(b.size()) * sizeof(T);
+    for (const IndexVector& b : index_slots_)
+      n += static_cast<std::size_t>(b.size()) * sizeof(Eigen::Index);
     return n;
   }
 
   /// The number of slots (Slot::Count).
   static constexpr int kSlots = static_cast<int>(Slot::Count);
+  /// The number of index slots (IndexSlot::Count).
+  static constexpr int kIndexSlots = static_cast<int>(IndexSlot::Count);
 
  private:
   using Buffer = Eigen::Matrix<T, Eigen::Dynamic, 1>;
   Buffer slots_[kSlots];
+  IndexVector index_slots_[kIndexSlots];
 };
 
 }  // namespace lora
