@@ -129,10 +129,15 @@ class Projection {
     return W_;
   }
 
+  /// Switches the adapter off (the frozen product alone) or on again; nothing else changes.
+  void set_adapter_enabled(bool enabled) { adapter_enabled_ = enabled; }
+
   /// H = W X (+ s B A X when adapted).  X: in x N,  H: out x N.
   void forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
                lora::Workspace<T>& ws) const {
-    if (lora_) {
+    if (lora_ && !adapter_enabled_) {
+      lora_->frozen().multiply(X, H);
+    } else if (lora_) {
       lora_->forward(X, H, ws);
     } else if (frozen_) {
       frozen_->multiply(X, H);
@@ -145,6 +150,8 @@ class Projection {
   void backward(const Eigen::Ref<const Matrix>& X, const Eigen::Ref<const Matrix>& G, Matrix& dX,
                 lora::Workspace<T>& ws) {
     dX.resize(cols(), X.cols());
+    if (lora_ && !adapter_enabled_)
+      throw std::logic_error("llama::Projection::backward: the adapter is switched off");
     if (lora_) {
       lora_->backward(X, G, dX, ws);
     } else if (frozen_) {
@@ -186,6 +193,7 @@ class Projection {
   Matrix W_, grad_W_;
   std::optional<Frozen> frozen_;
   std::optional<Layer> lora_;
+  bool adapter_enabled_ = true;
 };
 
 /// The weights of a model as llama.cpp names and shapes them (PyTorch's out x in for projections;
@@ -274,6 +282,16 @@ class Model {
         own.seed = config.seed + 1 + l * kProjections + static_cast<std::uint64_t>(p);
         blocks_[l].proj[static_cast<int>(p)].adapt(own);
       }
+  }
+
+  /// Freezes every weight (embeddings, norms, projections, output) without adapting any: the
+  /// frozen products are then the ones an adapted copy computes with its adapters switched off.
+  void freeze() { adapt(lora::LoRAConfig{}, {}); }
+
+  /// Switches every adapter off (outputs: the frozen base's, bit for bit) or on again.
+  void set_adapters_enabled(bool enabled) {
+    for (auto& b : blocks_)
+      for (auto& p : b.proj) p.set_adapter_enabled(enabled);
   }
 
   /// Every trainable tensor as an optimizer view, named as in GGUF.
