@@ -71,13 +71,9 @@ lora::LoRAConfig lora_config(int rank, std::uint64_t seed) {
 }
 
 int run_demo(bool quick, const std::string& out_dir) {
-  // The two kinds of text: narrative prose (Genesis to Esther) for the base, poetry and wisdom
-  // (Psalms to the Song of Solomon) for the adapter. The last 5% of each is held out.
   std::cout << "Reading the King James Bible (Debian's bible-kjv)...\n";
-  const llama::Corpus prose =
-      llama::make_corpus("prose (Genesis-Esther)", llama::read_kjv("Ge1:1-Es10:3"), 0.05);
-  const llama::Corpus poetry =
-      llama::make_corpus("poetry (Psalms-Song)", llama::read_kjv("Ps1:1-Song8:14"), 0.05);
+  const llama::Corpus prose = llama::prose_corpus();
+  const llama::Corpus poetry = llama::poetry_corpus();
 
   llama::Config cfg;
   cfg.n_vocab = llama::kByteVocab;
@@ -98,7 +94,7 @@ int run_demo(bool quick, const std::string& out_dir) {
   fine.lr = 2e-3;
   fine.weight_decay = 0;
   fine.seed = 2;
-  const int eval_windows = quick ? 8 : 64;
+  const int eval_windows = llama::demo_eval_windows(quick);
   const auto prose_eval = llama::eval_windows(prose.held_out, pre.seq_len, eval_windows);
   const auto poetry_eval = llama::eval_windows(poetry.held_out, pre.seq_len, eval_windows);
 

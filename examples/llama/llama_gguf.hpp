@@ -51,7 +51,7 @@ Model<float, Frozen> read_model_gguf(const std::string& path) {
   Weights<float> w;
   w.token_embd = f.matrix<float>("token_embd.weight").transpose();  // n_vocab x E -> E x n_vocab
   w.output_norm = Eigen::Map<const Eigen::VectorXf>(f.values<float>("output_norm.weight").data(), c.n_embd);
-  if (f.has_tensor("output.weight")) w.output = f.matrix<float>("output.weight");
+  if (f.contains("output.weight")) w.output = f.matrix<float>("output.weight");
   for (int l = 0; l < c.n_layer; ++l) {
     const std::string at = "blk." + std::to_string(l) + ".";
     Weights<float>::Block b;
@@ -115,6 +115,91 @@ void write_model_gguf(const std::string& path, const Model<float, Frozen>& model
                    model.projection(l, static_cast<Proj>(p)).base_weight(), GgmlType::F32);
   }
   w.save(path);
+}
+
+/// Writes the adapters of `model` as a llama.cpp LoRA adapter: general.type "adapter",
+/// adapter.type "lora", adapter.lora.alpha (f32, one per file), and for each adapted projection
+/// `<base tensor>.lora_a` (ne = [in, r]: A's bytes) and `.lora_b` (ne = [r, out]: B's bytes).
+/// Every adapter of the model must have the same rank and alpha (the demo's do).
+template <typename Frozen>
+void write_adapter_gguf(const std::string& path, const Model<float, Frozen>& model) {
+  const Config& c = model.config();
+  lora::io::GgufWriter w;
+  w.set_value("general.architecture", std::string("llama"));
+  w.set_value("general.type", std::string("adapter"));
+  w.set_value("adapter.type", std::string("lora"));
+  double alpha = -1;
+  int rank = -1;
+  for (int l = 0; l < c.n_layer; ++l)
+    for (int p = 0; p < kProjections; ++p) {
+      const auto& proj = model.projection(l, static_cast<Proj>(p));
+      if (!proj.adapted()) continue;
+      const auto& layer = proj.layer();
+      if (rank < 0) {
+        rank = static_cast<int>(layer.rank());
+        alpha = layer.config().alpha;
+        w.set_value("adapter.lora.alpha", static_cast<float>(alpha));
+      }
+      if (layer.rank() != rank || layer.config().alpha != alpha || layer.config().use_rslora)
+        throw std::invalid_argument(
+            "llama_finetune: adapters of different ranks or alphas, or rsLoRA, need the library's "
+            "GGUF adapter writer (lora::gguf), which folds the scale into B");
+      const std::string base = "blk." + std::to_string(l) + "." + gguf_name(static_cast<Proj>(p)) + ".weight";
+      w.add_matrix(base + ".lora_a", layer.A(), lora::io::GgmlType::F32);
+      w.add_matrix(base + ".lora_b", layer.B(), lora::io::GgmlType::F32);
+    }
+  if (rank < 0) throw std::invalid_argument("llama_finetune: the model has no adapter to write");
+  w.save(path);
+}
+
+/// Puts the LoRA adapter of a llama.cpp adapter file on `model` (which must carry none yet):
+/// the projections the file adapts get LoRALinear layers with its A, B and alpha; everything else
+/// is frozen.
+template <typename Frozen>
+void apply_adapter_gguf(Model<float, Frozen>& model, const std::string& path) {
+  const auto f = lora::io::GgufFile::load(path);
+  auto require = [&](bool ok, const std::string& what) {
+    if (!ok) throw lora::io::FormatError("llama_finetune: \"" + path + "\": " + what);
+  };
+  require(f.get_or<std::string>("general.type", "") == "adapter" &&
+              f.get_or<std::string>("adapter.type", "") == "lora",
+          "not a llama.cpp LoRA adapter (general.type \"adapter\", adapter.type \"lora\")");
+  require(f.get<std::string>("general.architecture") == "llama", "not an adapter of a llama model");
+  const Config& c = model.config();
+  const double alpha = f.get<float>("adapter.lora.alpha");
+  std::vector<Proj> which;
+  int rank = -1;
+  for (int p = 0; p < kProjections; ++p) {
+    int present = 0;
+    for (int l = 0; l < c.n_layer; ++l) {
+      const std::string base = "blk." + std::to_string(l) + "." + gguf_name(static_cast<Proj>(p)) + ".weight";
+      const bool a = f.contains(base + ".lora_a"), b = f.contains(base + ".lora_b");
+      require(a == b, "half a pair: " + base + (a ? ".lora_a without .lora_b" : ".lora_b without .lora_a"));
+      if (!a) continue;
+      ++present;
+      const int r = static_cast<int>(f.info(base + ".lora_a").rows());
+      require(rank < 0 || r == rank, "adapters of different ranks are not supported by this program");
+      rank = r;
+    }
+    require(present == 0 || present == c.n_layer,
+            std::string(gguf_name(static_cast<Proj>(p))) + " is adapted in some blocks only");
+    if (present) which.push_back(static_cast<Proj>(p));
+  }
+  require(!which.empty(), "no lora_a / lora_b tensor for this model's projections");
+  lora::LoRAConfig cfg;
+  cfg.rank = rank;
+  cfg.alpha = alpha;
+  model.adapt(cfg, which);
+  for (int l = 0; l < c.n_layer; ++l)
+    for (Proj p : which) {
+      const std::string base = "blk." + std::to_string(l) + "." + gguf_name(p) + ".weight";
+      auto& layer = model.projection(l, p).layer();
+      const Eigen::MatrixXf A = f.matrix<float>(base + ".lora_a"), B = f.matrix<float>(base + ".lora_b");
+      require(A.cols() == layer.in_features() && B.rows() == layer.out_features() && B.cols() == rank,
+              base + ": lora_a or lora_b does not fit the model's " + std::to_string(layer.out_features()) +
+                  " x " + std::to_string(layer.in_features()) + " weight");
+      layer.set_adapter_weights(A, B);
+    }
 }
 
 }  // namespace llama

@@ -500,7 +500,9 @@ class Model {
     r.resize(x.cols());
     y.resize(x.rows(), x.cols());
     for (Eigen::Index j = 0; j < x.cols(); ++j) {
-      const double ms = x.col(j).template cast<double>().squaredNorm() / static_cast<double>(x.rows());
+      double ss = 0;  // in double, as ggml's rms_norm sums
+      for (Eigen::Index i = 0; i < x.rows(); ++i) ss += static_cast<double>(x(i, j)) * x(i, j);
+      const double ms = ss / static_cast<double>(x.rows());
       r(j) = static_cast<T>(1.0 / std::sqrt(ms + static_cast<double>(cfg_.rms_eps)));
       y.col(j) = x.col(j).cwiseProduct(w) * r(j);
     }

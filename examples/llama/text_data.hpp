@@ -70,6 +70,18 @@ inline Corpus make_corpus(std::string name, const std::string& text, double held
           std::vector<int>(all.begin() + static_cast<long>(cut), all.end())};
 }
 
+/// The demo's two kinds of text, the last 5% of each held out: narrative prose (Genesis to
+/// Esther) for the base, poetry and wisdom (Psalms to the Song of Solomon) for the adapter.
+inline Corpus prose_corpus() {
+  return make_corpus("prose (Genesis-Esther)", read_kjv("Ge1:1-Es10:3"), 0.05);
+}
+inline Corpus poetry_corpus() {
+  return make_corpus("poetry (Psalms-Song)", read_kjv("Ps1:1-Song8:14"), 0.05);
+}
+
+/// The held-out windows the demo reports perplexity on.
+inline int demo_eval_windows(bool quick) { return quick ? 8 : 64; }
+
 /// S random windows of L tokens from `tokens`, concatenated (sequence s at s L ... s L + L - 1).
 inline std::vector<int> random_batch(const std::vector<int>& tokens, int S, int L, lora::Rng& rng) {
   if (tokens.size() <= static_cast<std::size_t>(L)) throw std::runtime_error("text shorter than L");

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "llama/llama_model.hpp"
@@ -90,14 +91,20 @@ double perplexity(Model& model, const std::vector<std::vector<int>>& windows, in
   return std::exp(total / static_cast<double>(counted));
 }
 
-/// Natural-log probabilities of every token at the position after the last of `tokens`.
+/// Natural-log probabilities of every token at the position after the last of `tokens`, in
+/// double. (Scalar loops: GCC 12 wrongly warns inside Eigen's AVX-512 double max/exp.)
 template <typename Model>
 Eigen::VectorXd next_token_log_probs(Model& model, const std::vector<int>& tokens) {
   const auto& logits = model.forward(tokens, static_cast<int>(tokens.size()));
-  const Eigen::VectorXd last = logits.col(logits.cols() - 1).template cast<double>();
-  const double m = last.maxCoeff();
-  const double lse = m + std::log((last.array() - m).exp().sum());
-  return last.array() - lse;
+  const Eigen::Index last = logits.cols() - 1;
+  double m = -std::numeric_limits<double>::infinity();
+  for (Eigen::Index i = 0; i < logits.rows(); ++i) m = std::max(m, static_cast<double>(logits(i, last)));
+  double z = 0;
+  for (Eigen::Index i = 0; i < logits.rows(); ++i) z += std::exp(static_cast<double>(logits(i, last)) - m);
+  Eigen::VectorXd out(logits.rows());
+  for (Eigen::Index i = 0; i < logits.rows(); ++i)
+    out(i) = static_cast<double>(logits(i, last)) - m - std::log(z);
+  return out;
 }
 
 /// Greedy continuation of `prompt` by `count` tokens (the window slides at n_ctx).
@@ -109,7 +116,8 @@ std::vector<int> generate_greedy(Model& model, std::vector<int> prompt, int coun
                             prompt.end());
     const Eigen::VectorXd lp = next_token_log_probs(model, window);
     Eigen::Index best = 0;
-    lp.maxCoeff(&best);
+    for (Eigen::Index i = 1; i < lp.size(); ++i)
+      if (lp(i) > lp(best)) best = i;
     prompt.push_back(static_cast<int>(best));
   }
   return prompt;
