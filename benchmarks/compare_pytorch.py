@@ -22,6 +22,10 @@ PyTorch side (x is n x k, PEFT's layout; W is d x k as torch.nn.Linear.weight):
   ...Bf16             the same under torch.autocast('cpu', dtype=torch.bfloat16), PyTorch's own
                       mixed precision; MergeBf16 adds the delta into a bf16 weight.
 
+The llama example's LoRA training step (llama_benchmarks' BM_LlamaTrainStep) in PyTorch:
+  /usr/bin/python3 benchmarks/compare_pytorch.py llama [--threads T] [--json FILE]
+prints llama_step_ms=... tokens_per_s=... peak_rss_mb=... (benchmarks/pytorch_llama.py).
+
 Needs PyTorch (Debian: apt-get install python3-torch, for /usr/bin/python3); installs nothing.
 """
 
@@ -151,6 +155,10 @@ def torch_times(shape, families, min_time, repetitions):
 
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "llama":  # the llama example's step (pytorch_llama.py)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import pytorch_llama
+        return pytorch_llama.main(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", help="lora_benchmarks --benchmark_out=FILE --benchmark_out_format=json")
     ap.add_argument("--threads", type=int, default=None,
@@ -207,4 +215,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
