@@ -115,6 +115,32 @@ class GgufWriter {
     add_values(name, v, type, {static_cast<std::int64_t>(v.size())});
   }
 
+  /// Replaces tensor `name` (already added) by the matrix `m`, as add_matrix would write it; the
+  /// tensor keeps its place. For writing a model with some weights changed (e.g. merged):
+  /// `auto w = GgufWriter::copy_of(base); w.replace_matrix("blk.0.attn_q.weight", Wq, F32);`.
+  /// Throws std::invalid_argument when there is no such tensor, and as add_matrix.
+  template <typename Derived>
+  void replace_matrix(const std::string& name, const Eigen::MatrixBase<Derived>& m, GgmlType type) {
+    const auto it = tensor_index_.find(name);
+    if (it == tensor_index_.end())
+      throw std::invalid_argument("GGUF writer: no tensor " + detail::gguf_quote(name) +
+                                  " to replace");
+    std::vector<std::int64_t> ne{static_cast<std::int64_t>(m.cols()),
+                                 static_cast<std::int64_t>(m.rows())};
+    std::vector<std::uint8_t> bytes = encode(name, m, type, ne);
+    tensors_[it->second] = Entry{name, type, std::move(ne), std::move(bytes)};
+  }
+
+  /// A writer holding everything `file` holds: its metadata (alignment included) and tensors
+  /// (their raw bytes, any type), in the file's order; serialize() gives the file's bytes back
+  /// when it was written by ggml's layout.
+  static GgufWriter copy_of(const GgufFile& file) {
+    GgufWriter w;
+    for (const auto& [key, value] : file.metadata()) w.set(key, value);
+    for (const auto& t : file.tensors()) w.add_tensor(t.name, t.type, t.ne, file.raw(t.name));
+    return w;
+  }
+
   /// Whether a tensor named `name` was added.
   bool contains(const std::string& name) const { return tensor_index_.count(name) != 0; }
   /// The number of tensors added.
@@ -186,12 +212,20 @@ class GgufWriter {
 
   std::size_t check_tensor(const std::string& name, GgmlType type,
                            const std::vector<std::int64_t>& ne) const {
+    const std::size_t n = check_shape(name, type, ne);
+    if (contains(name))
+      throw std::invalid_argument("GGUF writer: tensor " + detail::gguf_quote(name) +
+                                  " added twice");
+    return n;
+  }
+
+  std::size_t check_shape(const std::string& name, GgmlType type,
+                          const std::vector<std::int64_t>& ne) const {
     const std::string where = "GGUF writer: tensor " + detail::gguf_quote(name);
     if (name.empty()) throw std::invalid_argument("GGUF writer: a tensor name is empty");
     if (name.size() > kGgufMaxNameBytes)
       throw std::invalid_argument(where + ": the name is " + std::to_string(name.size()) +
                                   " bytes, ggml allows at most 63");
-    if (contains(name)) throw std::invalid_argument(where + " added twice");
     if (ne.size() > kGgufMaxDims)
       throw std::invalid_argument(where + " has " + std::to_string(ne.size()) +
                                   " dimensions, ggml allows 4");
@@ -215,6 +249,18 @@ class GgufWriter {
   template <typename Derived>
   void add_values(const std::string& name, const Eigen::MatrixBase<Derived>& m, GgmlType type,
                   std::vector<std::int64_t> ne) {
+    std::vector<std::uint8_t> bytes = encode(name, m, type, ne);
+    if (contains(name))
+      throw std::invalid_argument("GGUF writer: tensor " + detail::gguf_quote(name) +
+                                  " added twice");
+    tensor_index_.emplace(name, tensors_.size());
+    tensors_.push_back(Entry{name, type, std::move(ne), std::move(bytes)});
+  }
+
+  /// The bytes of m (rows x cols) as `type` in ggml's order, after the checks of add_matrix.
+  template <typename Derived>
+  std::vector<std::uint8_t> encode(const std::string& name, const Eigen::MatrixBase<Derived>& m,
+                                   GgmlType type, const std::vector<std::int64_t>& ne) const {
     using Scalar = typename Derived::Scalar;
     static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
                   "GGUF writer: tensors must hold float or double");
@@ -223,7 +269,7 @@ class GgufWriter {
       throw std::invalid_argument("GGUF writer: tensor " + detail::gguf_quote(name) +
                                   ": lora writes f32, f16, bf16 and q8_0, not " +
                                   ggml_type_traits(type).name);
-    const std::size_t nbytes = check_tensor(name, type, ne);
+    const std::size_t nbytes = check_shape(name, type, ne);
     // The elements in ggml's order: row by row of m (ne[0] = cols is the fastest axis).
     const auto rows = m.rows(), cols = m.cols();
     std::vector<float> f;
@@ -275,8 +321,7 @@ class GgufWriter {
       bytes.resize(nbytes);
       ggml::quantize_q8_0(f.data(), bytes.data(), f.size());
     }
-    tensor_index_.emplace(name, tensors_.size());
-    tensors_.push_back(Entry{name, type, std::move(ne), std::move(bytes)});
+    return bytes;
   }
 
   template <typename V>
