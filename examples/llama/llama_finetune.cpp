@@ -84,13 +84,14 @@ int run_demo(bool quick, const std::string& out_dir) {
   cfg.n_ff = quick ? 192 : 384;
   cfg.n_ctx = 128;
   llama::TrainOptions pre;
-  pre.steps = quick ? 60 : 1500;
+  pre.steps = quick ? 60 : 400;
   pre.batch = quick ? 4 : 16;
   pre.seq_len = quick ? 64 : 128;
   pre.lr = 3e-3;
   pre.weight_decay = 0.01;
   llama::TrainOptions fine = pre;
-  fine.steps = quick ? 40 : 400;
+  fine.steps = quick ? 40 : 100;
+  fine.batch = quick ? 4 : 8;
   fine.lr = 2e-3;
   fine.weight_decay = 0;
   fine.seed = 2;

@@ -117,89 +117,55 @@ void write_model_gguf(const std::string& path, const Model<float, Frozen>& model
   w.save(path);
 }
 
-/// Writes the adapters of `model` as a llama.cpp LoRA adapter: general.type "adapter",
-/// adapter.type "lora", adapter.lora.alpha (f32, one per file), and for each adapted projection
-/// `<base tensor>.lora_a` (ne = [in, r]: A's bytes) and `.lora_b` (ne = [r, out]: B's bytes).
-/// Every adapter of the model must have the same rank and alpha (the demo's do).
+/// The adapted projections of `model` by GGUF base-tensor name ("blk.0.attn_q.weight"), for
+/// lora::gguf's save_adapter / load_adapter.
 template <typename Frozen>
-void write_adapter_gguf(const std::string& path, const Model<float, Frozen>& model) {
-  const Config& c = model.config();
-  lora::io::GgufWriter w;
-  w.set_value("general.architecture", std::string("llama"));
-  w.set_value("general.type", std::string("adapter"));
-  w.set_value("adapter.type", std::string("lora"));
-  double alpha = -1;
-  int rank = -1;
-  for (int l = 0; l < c.n_layer; ++l)
+lora::peft::LayerRefs adapter_layers(Model<float, Frozen>& model) {
+  lora::peft::LayerRefs refs;
+  for (int l = 0; l < model.config().n_layer; ++l)
     for (int p = 0; p < kProjections; ++p) {
-      const auto& proj = model.projection(l, static_cast<Proj>(p));
-      if (!proj.adapted()) continue;
-      const auto& layer = proj.layer();
-      if (rank < 0) {
-        rank = static_cast<int>(layer.rank());
-        alpha = layer.config().alpha;
-        w.set_value("adapter.lora.alpha", static_cast<float>(alpha));
-      }
-      if (layer.rank() != rank || layer.config().alpha != alpha || layer.config().use_rslora)
-        throw std::invalid_argument(
-            "llama_finetune: adapters of different ranks or alphas, or rsLoRA, need the library's "
-            "GGUF adapter writer (lora::gguf), which folds the scale into B");
-      const std::string base = "blk." + std::to_string(l) + "." + gguf_name(static_cast<Proj>(p)) + ".weight";
-      w.add_matrix(base + ".lora_a", layer.A(), lora::io::GgmlType::F32);
-      w.add_matrix(base + ".lora_b", layer.B(), lora::io::GgmlType::F32);
+      auto& proj = model.projection(l, static_cast<Proj>(p));
+      if (proj.adapted())
+        refs.emplace("blk." + std::to_string(l) + "." + gguf_name(static_cast<Proj>(p)) + ".weight",
+                     &proj.layer());
     }
-  if (rank < 0) throw std::invalid_argument("llama_finetune: the model has no adapter to write");
-  w.save(path);
+  return refs;
 }
 
-/// Puts the LoRA adapter of a llama.cpp adapter file on `model` (which must carry none yet):
-/// the projections the file adapts get LoRALinear layers with its A, B and alpha; everything else
-/// is frozen.
+/// Writes the adapters of `model` as a llama.cpp LoRA adapter (lora::gguf::save_adapter: one
+/// alpha per file, any per-module factor folded into B).
+template <typename Frozen>
+void write_adapter_gguf(const std::string& path, Model<float, Frozen>& model) {
+  lora::gguf::SaveOptions options;
+  options.architecture = "llama";
+  options.name = "lora llama demo adapter";
+  lora::gguf::save_adapter(path, adapter_layers(model), options);
+}
+
+/// Puts the adapter of a llama.cpp LoRA file on `model` (which must carry none yet): the
+/// projections it names get LoRALinear layers holding the file's A, B and scaling
+/// (lora::gguf::load_adapter, all-or-nothing); everything else is frozen.
 template <typename Frozen>
 void apply_adapter_gguf(Model<float, Frozen>& model, const std::string& path) {
-  const auto f = lora::io::GgufFile::load(path);
-  auto require = [&](bool ok, const std::string& what) {
-    if (!ok) throw lora::io::FormatError("llama_finetune: \"" + path + "\": " + what);
-  };
-  require(f.get_or<std::string>("general.type", "") == "adapter" &&
-              f.get_or<std::string>("adapter.type", "") == "lora",
-          "not a llama.cpp LoRA adapter (general.type \"adapter\", adapter.type \"lora\")");
-  require(f.get<std::string>("general.architecture") == "llama", "not an adapter of a llama model");
-  const Config& c = model.config();
-  const double alpha = f.get<float>("adapter.lora.alpha");
+  const auto file = lora::gguf::read_adapter<float>(path);
+  if (file.architecture != "llama")
+    throw lora::io::FormatError("llama_finetune: \"" + path + "\" is an adapter for a " +
+                                file.architecture + " model, not llama");
   std::vector<Proj> which;
-  int rank = -1;
   for (int p = 0; p < kProjections; ++p) {
-    int present = 0;
-    for (int l = 0; l < c.n_layer; ++l) {
-      const std::string base = "blk." + std::to_string(l) + "." + gguf_name(static_cast<Proj>(p)) + ".weight";
-      const bool a = f.contains(base + ".lora_a"), b = f.contains(base + ".lora_b");
-      require(a == b, "half a pair: " + base + (a ? ".lora_a without .lora_b" : ".lora_b without .lora_a"));
-      if (!a) continue;
-      ++present;
-      const int r = static_cast<int>(f.info(base + ".lora_a").rows());
-      require(rank < 0 || r == rank, "adapters of different ranks are not supported by this program");
-      rank = r;
-    }
-    require(present == 0 || present == c.n_layer,
-            std::string(gguf_name(static_cast<Proj>(p))) + " is adapted in some blocks only");
-    if (present) which.push_back(static_cast<Proj>(p));
+    const std::string suffix = std::string(".") + gguf_name(static_cast<Proj>(p)) + ".weight";
+    for (const auto& [name, adapter] : file.modules)
+      if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+        which.push_back(static_cast<Proj>(p));
+        break;
+      }
   }
-  require(!which.empty(), "no lora_a / lora_b tensor for this model's projections");
-  lora::LoRAConfig cfg;
-  cfg.rank = rank;
-  cfg.alpha = alpha;
-  model.adapt(cfg, which);
-  for (int l = 0; l < c.n_layer; ++l)
-    for (Proj p : which) {
-      const std::string base = "blk." + std::to_string(l) + "." + gguf_name(p) + ".weight";
-      auto& layer = model.projection(l, p).layer();
-      const Eigen::MatrixXf A = f.matrix<float>(base + ".lora_a"), B = f.matrix<float>(base + ".lora_b");
-      require(A.cols() == layer.in_features() && B.rows() == layer.out_features() && B.cols() == rank,
-              base + ": lora_a or lora_b does not fit the model's " + std::to_string(layer.out_features()) +
-                  " x " + std::to_string(layer.in_features()) + " weight");
-      layer.set_adapter_weights(A, B);
-    }
+  if (which.empty())
+    throw lora::io::FormatError("llama_finetune: \"" + path + "\" adapts none of the seven projections");
+  model.adapt(file.modules.begin()->second.config(), which);
+  // A projection adapted in some blocks only: those blocks' layers have no module in the file,
+  // which load_adapter refuses (all-or-nothing) with the module's name.
+  lora::gguf::load_adapter(path, adapter_layers(model));
 }
 
 }  // namespace llama
