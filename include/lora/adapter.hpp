@@ -25,6 +25,7 @@
 #include <Eigen/Core>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -45,6 +46,9 @@ struct AdapterTensors {
   Vector lora_bias, grad_lora_bias;  // empty without a lora bias
   Vector magnitude, grad_magnitude;  // DoRA's m (length d); empty for a plain LoRA adapter
   TensorLifetime A_life, B_life, lora_bias_life, magnitude_life;
+  /// The columns of grad_A that may be non-zero; dense (`all`) unless the adapter tracks them
+  /// (track_sparse_grad_A: an embedding's A, whose batch touches only its token ids' columns).
+  ColumnSubset grad_A_columns;
 
   void retire() {
     ++A_life.generation;
@@ -132,6 +136,7 @@ class LoRAAdapter {
     t_->grad_lora_bias = s.grad_lora_bias;
     t_->magnitude = s.magnitude;
     t_->grad_magnitude = s.grad_magnitude;
+    t_->grad_A_columns = s.grad_A_columns;
   }
   /// Moves the tensors with their views: views of `o` now see this adapter.
   LoRAAdapter(LoRAAdapter&& o) noexcept = default;
@@ -152,6 +157,7 @@ class LoRAAdapter {
     detail::assign_tensor(d.grad_lora_bias, s.grad_lora_bias, d.lora_bias_life);
     detail::assign_tensor(d.magnitude, s.magnitude, d.magnitude_life);
     detail::assign_tensor(d.grad_magnitude, s.grad_magnitude, d.magnitude_life);
+    d.grad_A_columns = s.grad_A_columns;
     config_ = o.config_;
     scaling_ = o.scaling_;
     magnitude_pending_ = o.magnitude_pending_;
@@ -199,10 +205,17 @@ class LoRAAdapter {
     tensors().B = B;
   }
 
-  /// Sets every gradient to zero.
+  /// Sets every gradient to zero. With a column-sparse grad_A (track_sparse_grad_A) only the
+  /// columns marked since the last zero_grad are zeroed: O(r n) for n ids, not O(r k).
   void zero_grad() {
     auto& t = tensors();
-    t.grad_A.setZero(t.A.rows(), t.A.cols());
+    ColumnSubset& cols = t.grad_A_columns;
+    if (cols.sparse() && t.grad_A.rows() == t.A.rows() && t.grad_A.cols() == t.A.cols()) {
+      for (Index j : cols.list) t.grad_A.col(j).setZero();
+    } else {
+      t.grad_A.setZero(t.A.rows(), t.A.cols());
+    }
+    cols.clear();
     t.grad_B.setZero(t.B.rows(), t.B.cols());
     t.grad_lora_bias.setZero(t.lora_bias.size());
     t.grad_magnitude.setZero(t.magnitude.size());
@@ -223,6 +236,7 @@ class LoRAAdapter {
     std::vector<ParameterView<T>> out;
     out.reserve(4);
     out.push_back(view(t.A, t.grad_A, prefix + "A", t.A_life));
+    out.back().columns = &t.grad_A_columns;  // dense unless track_sparse_grad_A()
     out.push_back(view(t.B, t.grad_B, prefix + "B", t.B_life));
     if (has_lora_bias())
       out.push_back(view(t.lora_bias, t.grad_lora_bias, prefix + "lora_bias", t.lora_bias_life));
@@ -338,6 +352,50 @@ class LoRAAdapter {
     add_lora_bias_term(H);  // a second pass over H only for PEFT's rare lora_bias
   }
 
+  // ---- one-hot inputs (an embedding: column j of X is e_{ids[j]}) -------------------------------
+  // A X is then A's columns at the ids: a gather, O(r n), instead of an O(r k n) product, and
+  // dA = s (B^T G) X^T touches only those columns.
+
+  /// Makes grad_A column-sparse: from now on zero_grad, the optimizers and clip_grad_norm see only
+  /// the columns a one-hot backward marked (accumulate_gradients_one_hot). A dense
+  /// accumulate_gradients marks every column until the next zero_grad. Allocates k bytes and k
+  /// indices once. zero_grad() is called first.
+  void track_sparse_grad_A() {
+    zero_grad();
+    tensors().grad_A_columns.track(in_features());
+  }
+  /// The columns of grad_A that may be non-zero (`all` unless tracked).
+  const ColumnSubset& grad_A_columns() const { return tensors().grad_A_columns; }
+
+  /// H += s * B * (A * X) for one-hot X (column j = e_{ids[j]}): AX (r x n scratch) holds A's
+  /// columns at the ids afterwards. O(r n + d r n). The ids must be in [0, k) (the caller checks).
+  void add_forward_one_hot(const std::vector<std::int64_t>& ids, Eigen::Ref<Matrix> H,
+                           Eigen::Ref<Matrix> AX) const {
+    const auto& t = tensors();
+    gather_columns(t.A, ids, AX);
+    detail::gemm_add(H, t.B, AX, scaling_);  // (d x r)(r x n)
+  }
+
+  /// accumulate_gradients for one-hot X (column j = e_{ids[j]}): AX = A(:, ids), BtG = B^T G,
+  ///   dB += s * G * AX^T                    (d x n)(n x r)
+  ///   dA(:, ids[j]) += s * BtG(:, j)        r per id: O(r n), whatever k is
+  /// marking the columns touched (see track_sparse_grad_A).
+  void accumulate_gradients_one_hot(const std::vector<std::int64_t>& ids,
+                                    const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> AX,
+                                    Eigen::Ref<Matrix> BtG) {
+    auto& t = tensors();
+    gather_columns(t.A, ids, AX);
+    BtG.setZero();
+    detail::gemm_add(BtG, t.B.transpose(), G, T(1));          // (r x d)(d x n)
+    detail::gemm_add(t.grad_B, G, AX.transpose(), scaling_);  // (d x n)(n x r)
+    for (std::size_t j = 0; j < ids.size(); ++j) {
+      const Index c = static_cast<Index>(ids[j]);
+      t.grad_A.col(c).noalias() += scaling_ * BtG.col(static_cast<Index>(j));
+      t.grad_A_columns.mark(c);
+    }
+    if (has_lora_bias()) t.grad_lora_bias.noalias() += scaling_ * G.rowwise().sum();
+  }
+
   /// Accumulates the gradients of L for G = dL/dH (cost O(n * r * (d + k)), no d x k matrix):
   ///   dB += s * G * (A X)^T              (d x n)(n x r)
   ///   dA += s * (B^T G) * X^T            (r x n)(n x k)
@@ -346,6 +404,7 @@ class LoRAAdapter {
   void accumulate_gradients(const Eigen::Ref<const Matrix>& X, const Eigen::Ref<const Matrix>& G,
                             Eigen::Ref<Matrix> AX, Eigen::Ref<Matrix> BtG) {
     auto& t = tensors();
+    t.grad_A_columns.mark_all();  // a dense X: any column of dA may change
     // Products on Eigen's kernel through detail::gemm_add: no allocation, no copy for a transpose.
     AX.setZero();
     detail::gemm_add(AX, t.A, X, T(1));  // (r x k)(k x n)
@@ -380,7 +439,15 @@ class LoRAAdapter {
             std::move(name),
             t_,
             &life,
-            life.generation};
+            life.generation,
+            nullptr};
+  }
+
+  /// out(:, j) = M(:, ids[j]).
+  static void gather_columns(const Matrix& M, const std::vector<std::int64_t>& ids,
+                             Eigen::Ref<Matrix> out) {
+    for (std::size_t j = 0; j < ids.size(); ++j)
+      out.col(static_cast<Index>(j)) = M.col(static_cast<Index>(ids[j]));
   }
 
   LoRAConfig config_;

@@ -659,12 +659,18 @@ class AdapterLayer {
     return i;
   }
 
+ protected:
+  // The checks the faces that bring their own input kinds (LoRAEmbedding's token ids) share with
+  // forward, backward and merge here.
+
+  /// The active entry; throws std::logic_error naming `method` when none is active.
   const Entry& active_entry(const char* method) const {
     detail::require_state(active_ >= 0, detail::Where{face_, method},
                           ": no adapter is active; call set_active");
     return entry(active_);
   }
 
+  /// Throws std::invalid_argument unless `a` fits this layer's d x k weight.
   void require_fits(const detail::Where& where, const std::string& name, const Adapter& a) const {
     detail::require(a.out_features() == out_features() && a.in_features() == in_features(), where,
                     ": adapter \"", name, "\" is for a ",
@@ -679,6 +685,7 @@ class AdapterLayer {
                     a.magnitude().size(), "; W0 has ", out_features(), " rows");
   }
 
+  /// Throws std::domain_error unless e's A, B, scaling and magnitude are finite.
   void require_mergeable(const detail::Where& where, const Entry& e) const {
     if (!std::isfinite(static_cast<double>(e.adapter.scaling())) || !e.adapter.A().allFinite() ||
         !e.adapter.B().allFinite() || !e.adapter.magnitude().allFinite())
@@ -706,6 +713,7 @@ class AdapterLayer {
     return entry(active_).adapter;
   }
 
+ private:
   /// H = W X + b: the frozen layer alone, (d x k)(k x n).
   void base_forward(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H) const {
     if (has_bias()) {

@@ -184,6 +184,16 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
   const detail::Bf16Matrix& bf16_weight() const {
     return is_merged_ && mode_ == MergeMode::ExactRestore ? merged_ : pristine_;
   }
+  /// H(:, j) = W(:, ids[j]) widened to fp32, W the weight in use: a column lookup (an
+  /// embedding's rows, held as the columns of this d x k weight), O(d n), whatever k is. The ids
+  /// must be in [0, k) (the layer checks); allocates nothing.
+  void gather_columns(const std::vector<std::int64_t>& ids, Eigen::Ref<Matrix> H) const {
+    const detail::Bf16Matrix& w = bf16_weight();
+    const Index d = out_features();
+    for (std::size_t j = 0; j < ids.size(); ++j)
+      detail::from_bf16(w.data() + static_cast<Index>(ids[j]) * d,
+                        H.data() + static_cast<Index>(j) * H.outerStride(), d);
+  }
   /// The bf16 W0; throws std::logic_error while an InPlace merge has overwritten it.   d x k.
   const detail::Bf16Matrix& pristine_weight() const {
     detail::require_state(!(is_merged_ && mode_ == MergeMode::InPlace),

@@ -17,6 +17,8 @@
 #include "lora/config.hpp"
 #include "lora/dense_frozen_weight.hpp"
 #include "lora/frozen_storage.hpp"
+#include "lora/lora_embedding.hpp"
+#include "lora/lora_experts.hpp"
 #include "lora/lora_linear.hpp"
 #include "lora/multi_lora_linear.hpp"
 #include "lora/optim.hpp"

@@ -14,7 +14,9 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <utility>
+#include <vector>
 
 namespace lora {
 
@@ -54,6 +56,13 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
   const Matrix& matrix() const { return weight_; }
   /// The weight in use as a new matrix (the contract's weight(); matrix() avoids the copy).
   Matrix weight() const { return weight_; }
+  /// H(:, j) = W(:, ids[j]), W the weight in use: a column lookup (an embedding's rows, held as
+  /// the columns of this d x k weight), O(d n), whatever k is. The ids must be in [0, k) (the
+  /// layer checks); allocates nothing.
+  void gather_columns(const std::vector<std::int64_t>& ids, Eigen::Ref<Matrix> H) const {
+    for (std::size_t j = 0; j < ids.size(); ++j)
+      H.col(static_cast<Index>(j)) = weight_.col(static_cast<Index>(ids[j]));
+  }
   /// True when the weight in use holds no NaN or infinity (no allocation).
   bool all_finite() const { return weight_.allFinite(); }
   /// Bytes held: W0, and the pristine copy an ExactRestore merge keeps.

@@ -56,8 +56,10 @@
 #include <Eigen/Core>
 
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace lora {
 
@@ -125,6 +127,10 @@ LORA_STORAGE_DETECTOR(
     has_row_norms, std::declval<const F&>().row_norms(std::declval<Eigen::Ref<Eigen::VectorXd>>()))
 LORA_STORAGE_DETECTOR(has_stored_bytes, std::size_t{std::declval<const F&>().stored_bytes()})
 
+LORA_STORAGE_DETECTOR(has_gather_columns, std::declval<const F&>().gather_columns(
+                                              std::declval<const std::vector<std::int64_t>&>(),
+                                              std::declval<MRef<F>>()))
+
 #undef LORA_STORAGE_DETECTOR
 
 }  // namespace storage_detail
@@ -191,6 +197,18 @@ constexpr bool check_frozen_storage() {
     static_assert(std::is_copy_constructible_v<F> && std::is_move_constructible_v<F>,
                   "lora: a frozen storage must be copy- and move-constructible.");
   }
+  return true;
+}
+
+/// Fails to compile unless F also provides the column lookup a token-embedding layer needs:
+/// `void gather_columns(const std::vector<std::int64_t>& ids, Eigen::Ref<Matrix> H) const`, with
+/// H(:, j) = W(:, ids[j]) of the weight in use (DenseFrozenWeight and Bf16FrozenWeight have it).
+template <typename F>
+constexpr bool check_lookup_storage() {
+  static_assert(storage_detail::has_gather_columns<F>::value,
+                "lora: LoRAEmbedding needs a storage with `void gather_columns(const "
+                "std::vector<std::int64_t>& ids, Eigen::Ref<Matrix> H) const` (H(:, j) = "
+                "W(:, ids[j])): DenseFrozenWeight and Bf16FrozenWeight provide it.");
   return true;
 }
 

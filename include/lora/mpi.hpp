@@ -120,6 +120,9 @@ class DataParallel {
     const T inverse = T(1) / static_cast<T>(size_);
     unpack(
         [](ParameterView<T> & p) -> auto& { return p.grad; }, inverse);
+    // Another rank's columns of a column-sparse gradient are now here too: step them all.
+    for (auto& p : params_)
+      if (p.columns != nullptr) p.columns->mark_all();
   }
 
   /// value ← value on `root`, for every parameter: one MPI_Bcast. Call once before training so

@@ -8,6 +8,13 @@
 // the optimizer is built: step() allocates nothing. Every call checks first that no view is stale
 // (its adapter replaced by one of another shape, or destroyed) and throws std::logic_error naming
 // it, before anything is updated.
+//
+// A view with a column-sparse gradient (ParameterView::columns: an embedding's A, whose batch
+// touches only the columns of its token ids) is updated lazily: only the columns marked since the
+// last zero_grad are stepped, as torch.optim.SparseAdam and TensorFlow's LazyAdam do, so a step
+// costs O(r n) for n ids instead of O(r k) for a k-token vocabulary. An unmarked column keeps its
+// value and its moments (dense AdamW would still move it by its momentum and decay it); where the
+// exact dense update is wanted, take the dense views (LoRAEmbedding::parameters(false)).
 #pragma once
 
 #include "lora/detail/check.hpp"
@@ -40,7 +47,12 @@ void zero_grad(const std::vector<ParameterView<T>>& params) {
   detail::require_valid("lora::zero_grad", params);
   for (const auto& p : params) {
     auto grad = p.grad;  // a copy of the view, writable: the storage is not the vector's
-    grad.setZero();
+    if (p.sparse_columns()) {
+      for (Eigen::Index j : p.columns->list) grad.col(j).setZero();
+    } else {
+      grad.setZero();
+    }
+    if (p.columns != nullptr) p.columns->clear();
   }
 }
 
@@ -66,21 +78,34 @@ T clip_grad_norm(const std::vector<ParameterView<T>>& params, T max_norm) {
   detail::require_valid("lora::clip_grad_norm", params);
   // N in double from the elements: a tensor's norm taken in T first overflows float at 1e20
   // (squared); squares beyond double (1e200) are summed as amax * sqrt(sum (g / amax)^2).
+  // A column-sparse gradient (an embedding's A) is zero outside its listed columns: only those
+  // are read.
+  const auto each_block = [](const ParameterView<T>& p, auto&& f) {
+    if (p.sparse_columns()) {
+      for (Eigen::Index j : p.columns->list) f(p.grad.col(j));
+    } else {
+      f(p.grad);
+    }
+  };
   double amax = 0;
-  for (const auto& p : params) {
-    if (!p.grad.allFinite())
-      throw std::domain_error(
-          detail::concat("lora::clip_grad_norm: a gradient holds NaN or infinity; the gradients "
-                         "were left unscaled"));
-    if (p.grad.size() != 0)
-      amax = std::max(amax, static_cast<double>(p.grad.cwiseAbs().maxCoeff()));
-  }
+  for (const auto& p : params)
+    each_block(p, [&](const auto& g) {
+      if (!g.allFinite())
+        throw std::domain_error(
+            detail::concat("lora::clip_grad_norm: a gradient holds NaN or infinity; the gradients "
+                           "were left unscaled"));
+      if (g.size() != 0) amax = std::max(amax, static_cast<double>(g.cwiseAbs().maxCoeff()));
+    });
   double sum_sq = 0;
-  for (const auto& p : params) sum_sq += p.grad.template cast<double>().squaredNorm();
+  for (const auto& p : params)
+    each_block(p, [&](const auto& g) { sum_sq += g.template cast<double>().squaredNorm(); });
   double norm = std::sqrt(sum_sq);
   if (!std::isfinite(norm) && amax > 0) {  // squares beyond double (T = double): scale them
     sum_sq = 0;
-    for (const auto& p : params) sum_sq += (p.grad.template cast<double>() / amax).squaredNorm();
+    for (const auto& p : params)
+      each_block(p, [&](const auto& g) {
+        sum_sq += (g.template cast<double>() / amax).squaredNorm();
+      });
     norm = amax * std::sqrt(sum_sq);
   }
   if (!std::isfinite(norm)) {
@@ -92,7 +117,11 @@ T clip_grad_norm(const std::vector<ParameterView<T>>& params, T max_norm) {
   if (coef < 1.0) {
     for (const auto& p : params) {
       auto grad = p.grad;  // a copy of the view, writable
-      grad *= static_cast<T>(coef);
+      if (p.sparse_columns()) {
+        for (Eigen::Index j : p.columns->list) grad.col(j) *= static_cast<T>(coef);
+      } else {
+        grad *= static_cast<T>(coef);
+      }
     }
   }
   return static_cast<T>(norm);
@@ -179,18 +208,28 @@ class SGD {
     const T mu = static_cast<T>(options_.momentum);
     const T wd = static_cast<T>(options_.weight_decay);
     for (std::size_t i = 0; i < params_.size(); ++i) {
-      auto& p = params_[i].value;
-      const auto& g = params_[i].grad;
-      if (options_.momentum == 0) {
-        p -= lr * (g + wd * p);  // coefficient-wise: reading p while writing it is safe
-        continue;
-      }
-      Matrix& b = momentum_[i];
-      b = mu * b + (g + wd * p);
-      if (options_.nesterov) {
-        p -= lr * ((g + wd * p) + mu * b);
+      ParameterView<T>& view = params_[i];
+      Eigen::Map<Matrix> b(momentum_.empty() ? nullptr : momentum_[i].data(), view.value.rows(),
+                           view.value.cols());
+      auto update = [&](auto p, auto g, auto b) {
+        if (options_.momentum == 0) {
+          p -= lr * (g + wd * p);  // coefficient-wise: reading p while writing it is safe
+          return;
+        }
+        b = mu * b + (g + wd * p);
+        if (options_.nesterov) {
+          p -= lr * ((g + wd * p) + mu * b);
+        } else {
+          p -= lr * b;
+        }
+      };
+      if (view.sparse_columns()) {  // lazily: only the columns with a gradient
+        for (Eigen::Index j : view.columns->list)
+          update(view.value.col(j), view.grad.col(j), b.col(j));
       } else {
-        p -= lr * b;
+        update(view.value.block(0, 0, view.value.rows(), view.value.cols()),
+               view.grad.block(0, 0, view.grad.rows(), view.grad.cols()),
+               b.block(0, 0, b.rows(), b.cols()));
       }
     }
     ++steps_;
@@ -289,16 +328,25 @@ class AdamW {
     const T step_size = static_cast<T>(options_.lr / bias1);
     const T sqrt_bias2 = static_cast<T>(std::sqrt(bias2));
     const T eps = static_cast<T>(options_.eps);
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      auto& p = params_[i].value;
-      const auto& g = params_[i].grad;
-      Matrix& m = m_[i];
-      Matrix& v = v_[i];
+    auto update = [&](auto p, auto g, auto m, auto v) {
       p *= decay;
       m = b1 * m + (T(1) - b1) * g;
       v = b2 * v + (T(1) - b2) * g.cwiseAbs2();
       // As PyTorch: p += -step_size * (m / (sqrt(v) / sqrt(1 - beta2^t) + eps)).
       p.array() -= step_size * (m.array() / (v.array().sqrt() / sqrt_bias2 + eps));
+    };
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      ParameterView<T>& view = params_[i];
+      Matrix& m = m_[i];
+      Matrix& v = v_[i];
+      if (view.sparse_columns()) {  // lazily: only the columns with a gradient
+        for (Eigen::Index j : view.columns->list)
+          update(view.value.col(j), view.grad.col(j), m.col(j), v.col(j));
+      } else {
+        update(view.value.block(0, 0, m.rows(), m.cols()),
+               view.grad.block(0, 0, m.rows(), m.cols()), m.block(0, 0, m.rows(), m.cols()),
+               v.block(0, 0, m.rows(), m.cols()));
+      }
     }
   }
 

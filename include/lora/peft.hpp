@@ -1,6 +1,7 @@
 // lora/peft.hpp: adapter files. Reads and writes safetensors tensors and Hugging Face PEFT adapter
 // directories (adapter_config.json + adapter_model.safetensors) for LoRALinear and
-// MultiLoRALinear layers. Link lora::peft (nlohmann-json).
+// MultiLoRALinear layers, and for LoRAEmbedding and
+// LoRAExperts (target_modules / target_parameters). Link lora::peft (nlohmann-json).
 #pragma once
 
 #include "lora/core.hpp"
@@ -10,4 +11,5 @@
 #include "lora/peft/adapter_io.hpp"
 #include "lora/peft/adapter_store.hpp"
 #include "lora/peft/hotswap.hpp"
+#include "lora/peft/embedding_experts_io.hpp"
 #include "lora/peft/make_layers.hpp"
