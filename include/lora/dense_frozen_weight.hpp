@@ -59,9 +59,10 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
   MergeMode merge_mode() const { return mode_; }
   /// True while a delta is merged into the weight.
   bool is_merged() const { return merged_; }
-  /// The products run on Eigen's kernel with per-thread buffers (detail/gemm.hpp), or on
-  /// OpenBLAS, which keeps its own pools: none allocates once the buffers have grown (unless
-  /// Eigen's public products are forced, see gemm.hpp). BLIS may allocate per call (false).
+  /// The products run on Eigen's kernel with per-thread buffers (detail/gemm.hpp): none allocates
+  /// once the buffers have grown (unless Eigen's public products are forced, see gemm.hpp). False
+  /// where a BLAS may run them and allocate per call: BLIS, and OpenBLAS on more than one thread
+  /// (Eigen::nbThreads() > 1; on one thread OpenBLAS allocates nothing).
   bool allocation_free() const {
     return detail::kGemmAllocationFree && !detail::dense_kernel_may_allocate(kernel_);
   }

@@ -187,13 +187,17 @@ inline DenseKernelChoice choose_dense_kernel(DenseKernel wanted, DenseProduct, E
   return {blas, "n >= 2 on a large weight: the BLAS measured fastest"};
 }
 
-/// True when products on `wanted` may allocate in steady state: BLIS's OpenMP build enters a
-/// parallel region on every call, and libgomp allocates a team for a one-thread region.
-/// OpenBLAS takes its buffers from pools it fills once; Eigen's kernel runs on lora's buffers.
+/// True when products on `wanted` may allocate in steady state. BLIS's OpenMP build enters a
+/// parallel region on every call, and libgomp allocates a team for a one-thread region; OpenBLAS
+/// mallocs its job table on every GEMM it runs on more than one thread (measured: one per call
+/// at 2 threads, none at 1). Eigen's kernel runs on lora's buffers.
 inline bool dense_kernel_may_allocate(DenseKernel wanted) {
-  if (wanted == DenseKernel::Auto)
-    return dense_blas_kernel() == DenseKernel::Blis && dense_blas_fit().unsuitable == nullptr;
-  return wanted == DenseKernel::Blis;
+  const bool threaded = Eigen::nbThreads() > 1;
+  if (wanted == DenseKernel::Auto) {
+    if (dense_blas_fit().unsuitable != nullptr) return false;
+    wanted = dense_blas_kernel();
+  }
+  return wanted == DenseKernel::Blis || (wanted == DenseKernel::OpenBlas && threaded);
 }
 
 /// The thread count of a product of `work` multiply-adds: Eigen::nbThreads(), one per 50,000
