@@ -6,6 +6,8 @@ Usage:
       --benchmark_report_aggregates_only=true --benchmark_out=lora.json \\
       --benchmark_out_format=json
   /usr/bin/python3 benchmarks/compare_pytorch.py lora.json            # same thread count
+  ... --json-out both.json     also writes every row (lora ms, PyTorch ms, ratios) as JSON, with
+                               PyTorch's version, BLAS and OpenBLAS core, for scripts/render_docs
 
 PyTorch side (x is n x k, PEFT's layout; W is d x k as torch.nn.Linear.weight):
   DenseForward        F.linear(x, W)
@@ -166,6 +168,7 @@ def main():
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per repetition")
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--shapes", default=None, help="only shapes matching this regex, e.g. 512/4096")
+    ap.add_argument("--json-out", default=None, help="also write the rows as JSON to this file")
     ap.add_argument("--families", default=None,
                     help="only families matching this regex, e.g. Bf16 or '^(Dense|LoRA)Forward$'")
     args = ap.parse_args()
@@ -183,6 +186,7 @@ def main():
         print(f"WARNING: this PyTorch runs its fp32 products on the system libblas ({libblas}). "
               "Debian's reference BLAS is some 20x slower than OpenBLAS, which makes PyTorch's "
               "fp32 rows meaningless; for a fair comparison: apt-get install libopenblas0-pthread")
+    rows = []
     shapes = sorted({shape for _, shape in lora}, key=lambda s: (-s[1] * s[2] * s[0], s))
     if args.shapes:
         shapes = [s for s in shapes if re.search(args.shapes, "/".join(map(str, s)))]
@@ -193,25 +197,41 @@ def main():
     for shape in shapes:
         families = sorted({fam for fam, s in lora if s == shape
                            and (not args.families or re.search(args.families, fam))})
-        base = [f[:-len("OneDnn")] if f.endswith("OneDnn") else f for f in families]
+        strip = lambda f: next((f[:-len(x)] for x in ("OneDnn", "Eigen") if f.endswith(x)), f)
+        suffix = lambda f: next((x for x in ("Bf16", "OneDnn", "Eigen") if f.endswith(x)), "")
+        base = [strip(f) for f in families]
         theirs = torch_times(shape, set(base), args.min_time, args.repetitions)
         for fam in families:
             mine = lora[(fam, shape)]
-            dense_fam = "DenseForward" + ("Bf16" if fam.endswith("Bf16") else
-                                          "OneDnn" if fam.endswith("OneDnn") else "")
+            dense_fam = "DenseForward" + suffix(fam)
             if "merge" in fam.lower() and "Forward" not in fam or fam == "WeightCopy":
                 dense_fam = "WeightCopy"  # merge is memory-bound: its yardstick is a copy
-            torch_fam = fam[:-len("OneDnn")] if fam.endswith("OneDnn") else fam
+            torch_fam = strip(fam)
             ratio = mine / lora[(dense_fam, shape)] if (dense_fam, shape) in lora else float("nan")
             t = theirs.get(torch_fam)
-            torch_dense = theirs.get(dense_fam[:-len("OneDnn")] if dense_fam.endswith("OneDnn")
-                                     else dense_fam)
+            torch_dense = theirs.get(strip(dense_fam))
             t_ratio = t / torch_dense if t and torch_dense else float("nan")
+            rows.append({"family": fam, "shape": "/".join(map(str, shape)), "lora_ms": mine,
+                         "lora_x_dense": ratio, "torch_ms": t, "torch_x_dense": t_ratio,
+                         "torch_over_lora": t / mine if t else None})
             print(f"{fam:<26}{'/'.join(map(str, shape)):>18}{mine:>10.3f}{ratio:>9.3f}"
                   + (f"{t:>10.3f}{t_ratio:>9.3f}{t / mine:>11.2f}x" if t else f"{'-':>10}"))
         print()
     print("x dense: time / the dense product of the same precision in the same run "
           "(merge, unmerge: / WeightCopy). torch/lora > 1: lora is faster.")
+    if args.json_out:
+        core = None
+        try:  # the OpenBLAS core PyTorch's products run on (through libblas.so.3)
+            import ctypes
+            lib = ctypes.CDLL(libblas)
+            lib.openblas_get_corename.restype = ctypes.c_char_p
+            core = lib.openblas_get_corename().decode()
+        except (OSError, AttributeError):
+            pass
+        with open(args.json_out, "w") as f:
+            json.dump({"threads": threads, "torch": torch.__version__, "libblas": libblas,
+                       "openblas_core": core, "lora_context": context, "rows": rows}, f, indent=2)
+            f.write("\n")
 
 
 if __name__ == "__main__":

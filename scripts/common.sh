@@ -1,10 +1,11 @@
 # Shared by scripts/demo and scripts/test: install what is missing (Debian 12), then configure and
 # build. Sourced, not run.
 
-# Debian packages the build needs; libdnnl-dev is optional (a faster frozen product when present).
+# Debian packages the build needs; libdnnl-dev, libopenblas-dev and libblis-dev are optional (faster
+# frozen products when present: lora::onednn, lora::blas).
 LORA_APT_PACKAGES=(g++ cmake ninja-build pkg-config libeigen3-dev nlohmann-json3-dev libgtest-dev
   libbenchmark-dev zlib1g-dev)
-LORA_APT_OPTIONAL=(libdnnl-dev)
+LORA_APT_OPTIONAL=(libdnnl-dev libopenblas-dev libblis-dev)
 
 lora_missing_packages() {
   local missing=()

@@ -94,6 +94,14 @@ struct Nf4 {
   static constexpr double kHuge = 2.5e38;
 };
 
+// DenseFrozenWeight with its products forced onto a BLAS (lora::blas): built only in
+// test_dense_blas, which defines LORA_CONFORMANCE_BLAS_ONLY and runs the battery on these alone.
+template <typename T, lora::DenseKernel Kernel, lora::MergeMode Mode>
+struct DenseBlas : Dense<T, Mode> {
+  using Frozen = lora::DenseFrozenWeight<T>;
+  static Frozen make(const MatrixXd& W0) { return Frozen(W0.cast<T>(), Mode, Kernel); }
+};
+
 #if defined(LORA_WITH_ONEDNN)
 template <lora::MergeMode Mode>
 struct OneDnnF32 {
@@ -154,6 +162,26 @@ struct Multi {
 using lora::Bf16Backend;
 using lora::MergeMode;
 
+#if defined(LORA_CONFORMANCE_BLAS_ONLY)
+// Every BLAS built in: float in both modes and faces on the first, then one configuration each
+// (the kernel is the only difference from the Dense cases above; compile time is kept small).
+using lora::DenseKernel;
+using Storages = ::testing::Types<
+#if defined(LORA_WITH_OPENBLAS)
+    Single<DenseBlas<float, DenseKernel::OpenBlas, MergeMode::InPlace>>,
+    Multi<DenseBlas<float, DenseKernel::OpenBlas, MergeMode::InPlace>>,
+    Single<DenseBlas<float, DenseKernel::OpenBlas, MergeMode::ExactRestore>>,
+    Single<DenseBlas<double, DenseKernel::OpenBlas, MergeMode::InPlace>>
+#endif
+#if defined(LORA_WITH_OPENBLAS) && defined(LORA_WITH_BLIS)
+    ,
+#endif
+#if defined(LORA_WITH_BLIS)
+    Single<DenseBlas<float, DenseKernel::Blis, MergeMode::InPlace>>,
+    Multi<DenseBlas<float, DenseKernel::Blis, MergeMode::ExactRestore>>
+#endif
+    >;
+#else
 using Storages = ::testing::Types<
     Single<Dense<float, MergeMode::InPlace>>, Multi<Dense<float, MergeMode::InPlace>>,
     Single<Dense<float, MergeMode::ExactRestore>>, Multi<Dense<float, MergeMode::ExactRestore>>,
@@ -173,6 +201,7 @@ using Storages = ::testing::Types<
     Single<OneDnnF32<MergeMode::ExactRestore>>, Multi<OneDnnF32<MergeMode::ExactRestore>>
 #endif
     >;
+#endif  // LORA_CONFORMANCE_BLAS_ONLY
 
 struct Names {
   template <typename Case>
@@ -188,6 +217,10 @@ struct Names {
     if constexpr (std::is_same_v<Frozen, lora::onednn::OneDnnFrozenWeight>) storage = "OneDnnF32";
 #endif
     const std::string mode = C::kMode == MergeMode::InPlace ? "InPlace" : "Exact";
+#if defined(LORA_CONFORMANCE_BLAS_ONLY)
+    storage = std::string(lora::detail::dense_kernel_name(C::make(MatrixXd::Ones(1, 1)).kernel())) +
+              (std::is_same_v<typename Frozen::Scalar, float> ? "Float" : "Double");
+#endif
     return std::string(Case::kMulti ? "Multi_" : "Single_") + storage + "_" + mode + "_" +
            std::to_string(i);
   }

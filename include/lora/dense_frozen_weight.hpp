@@ -4,6 +4,7 @@
 #pragma once
 
 #include "lora/detail/check.hpp"
+#include "lora/detail/dense_kernels.hpp"
 #include "lora/detail/finite.hpp"
 #include "lora/detail/frozen_storage_base.hpp"
 #include "lora/detail/gemm.hpp"
@@ -12,9 +13,11 @@
 
 #include <Eigen/Core>
 
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -22,7 +25,9 @@ namespace lora {
 
 template <typename T>
 /// The frozen weight W0 (d x k) as a dense matrix of T: the reference storage of the contract in
-/// frozen_storage.hpp, and every layer's default. Products run on Eigen's kernel, allocation-free.
+/// frozen_storage.hpp, and every layer's default. Products run on Eigen's kernel, allocation-free;
+/// where lora::blas is linked, the products of large weights with n >= 2 columns run on the BLAS
+/// it was built with (DenseKernel::Auto; see backend_report()).
 class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>, T> {
   using Base = detail::FrozenStorageBase<DenseFrozenWeight<T>, T>;
   friend Base;  // calls product() and transposed_product()
@@ -33,11 +38,18 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
   using typename Base::Vector;
 
   /// Takes W0 (out x in, like torch.nn.Linear.weight); pass an rvalue to move it in. `mode` says
-  /// how unmerge() restores W0 (InPlace, PEFT's way, is the default).
-  explicit DenseFrozenWeight(Matrix W0, MergeMode mode = MergeMode::InPlace)
-      : weight_(std::move(W0)), mode_(mode) {
+  /// how unmerge() restores W0 (InPlace, PEFT's way, is the default). `kernel` says which kernel
+  /// runs the products: Auto (the default) picks per product and shape among those built in;
+  /// naming one that this build lacks throws std::invalid_argument.
+  explicit DenseFrozenWeight(Matrix W0, MergeMode mode = MergeMode::InPlace,
+                             DenseKernel kernel = DenseKernel::Auto)
+      : weight_(std::move(W0)), mode_(mode), kernel_(kernel) {
     detail::require(weight_.size() > 0, "DenseFrozenWeight: W0 must not be empty, got ",
                     detail::shape_string(weight_.rows(), weight_.cols()));
+    detail::require(detail::dense_kernel_built(kernel), "DenseFrozenWeight: the ",
+                    detail::dense_kernel_name(kernel),
+                    " kernel was requested, but this build does not have it; link the lora::blas "
+                    "CMake target (built on BLIS or OpenBLAS) or use DenseKernel::Auto");
   }
 
   /// d, the rows of W0 (output features).
@@ -49,8 +61,35 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
   /// True while a delta is merged into the weight.
   bool is_merged() const { return merged_; }
   /// The products run on Eigen's kernel with per-thread buffers (detail/gemm.hpp): none allocates
-  /// once the buffers have grown (unless Eigen's public products are forced, see gemm.hpp).
-  bool allocation_free() const { return detail::kGemmAllocationFree; }
+  /// once the buffers have grown (unless Eigen's public products are forced, see gemm.hpp). False
+  /// where a BLAS may run them and allocate per call: BLIS, and OpenBLAS on more than one thread
+  /// (Eigen::nbThreads() > 1; on one thread OpenBLAS allocates nothing).
+  bool allocation_free() const {
+    return detail::kGemmAllocationFree && !detail::dense_kernel_may_allocate(kernel_);
+  }
+  /// The kernel asked for at construction (Auto: chosen per product and shape).
+  DenseKernel kernel() const { return kernel_; }
+  /// Which kernel ran the last call of each product, with its batch n and why; then the kernels
+  /// built in. E.g. "H = W X (4096 x 4096, n = 8): BLIS (n >= 2 on a large weight: ...)".
+  std::string backend_report() const {
+    static constexpr const char* kNames[3] = {"H = W X", "H += W X", "dX += W^T G"};
+    std::string out;
+    for (int p = 0; p < 3; ++p) {
+      const std::uint64_t code = log_.last[p].load(std::memory_order_relaxed);
+      out += std::string(kNames[p]) + " (" + detail::shape_string(weight_.rows(), weight_.cols());
+      if (code == 0) {
+        out += "): not run yet\n";
+        continue;
+      }
+      const Index n = static_cast<Index>(code >> 3);
+      const auto choice = detail::choose_dense_kernel(kernel_, DenseProduct(p), weight_.rows(),
+                                                      weight_.cols(), n, sizeof(T));
+      out += ", n = " + std::to_string(n) +
+             "): " + detail::dense_kernel_name(DenseKernel((code & 7) - 1)) + " (" + choice.why +
+             ")\n";
+    }
+    return out + "built in: " + detail::dense_kernels_report() + detail::dense_blas_fit().note;
+  }
 
   /// The weight in use (W0, or the merged weight), by reference: no copy.
   const Matrix& matrix() const { return weight_; }
@@ -135,6 +174,15 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
   /// compiled with OpenMP. (Eigen's own H = W X zeroes H, then accumulates: starting H with other
   /// terms and accumulating costs the same as the plain product.)
   void product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H, bool accumulate) const {
+    const DenseKernel kernel =
+        choose(accumulate ? DenseProduct::MultiplyAdd : DenseProduct::Multiply, X.cols());
+    if (kernel != DenseKernel::Eigen) {
+      if (X.cols() == 0) return;
+      detail::blas_product<T>(kernel, false, weight_.data(), weight_.rows(), weight_.cols(),
+                              X.data(), X.outerStride(), X.cols(), H.data(), H.outerStride(),
+                              accumulate);
+      return;
+    }
     if (!accumulate) H.setZero();
     detail::gemm_add(H, weight_, X, T(1));  // (d x k)(k x n)
   }
@@ -142,6 +190,14 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
   /// dX (+)= W^T G: W^T is a transposed view, no copy of W is made.   G: d x n,  dX: k x n.
   void transposed_product(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX,
                           bool accumulate) const {
+    const DenseKernel kernel = choose(DenseProduct::MultiplyTransposed, G.cols());
+    if (kernel != DenseKernel::Eigen) {
+      if (G.cols() == 0) return;
+      detail::blas_product<T>(kernel, true, weight_.data(), weight_.rows(), weight_.cols(),
+                              G.data(), G.outerStride(), G.cols(), dX.data(), dX.outerStride(),
+                              accumulate);
+      return;
+    }
     if (!accumulate) dX.setZero();
     detail::gemm_add(dX, weight_.transpose(), G, T(1));  // (k x d)(d x n)
   }
@@ -153,9 +209,34 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
     if (g.size() != 0) dst = g.asDiagonal() * dst;
   }
 
+  /// The kernel for this product and batch; recorded for backend_report() (relaxed atomics: the
+  /// products are const and may run on many threads at once).
+  DenseKernel choose(DenseProduct product, Index n) const {
+    const DenseKernel kernel =
+        detail::choose_dense_kernel(kernel_, product, weight_.rows(), weight_.cols(), n, sizeof(T))
+            .kernel;
+    log_.last[int(product)].store((std::uint64_t(n) << 3) | std::uint64_t(int(kernel) + 1),
+                                  std::memory_order_relaxed);
+    return kernel;
+  }
+
+  /// The last kernel and n of each product: (n << 3) | (kernel + 1), 0 = not run. Copies carry
+  /// the values over (the atomics alone would make the storage non-copyable).
+  struct KernelLog {
+    std::atomic<std::uint64_t> last[3] = {};
+    KernelLog() = default;
+    KernelLog(const KernelLog& o) noexcept { *this = o; }
+    KernelLog& operator=(const KernelLog& o) noexcept {
+      for (int p = 0; p < 3; ++p) last[p].store(o.last[p].load(std::memory_order_relaxed));
+      return *this;
+    }
+  };
+
   Matrix weight_;
   Matrix spare_;  // ExactRestore: the pristine W0 while merged
   MergeMode mode_;
+  DenseKernel kernel_ = DenseKernel::Auto;
+  mutable KernelLog log_;
   bool merged_ = false;
   double w0_max_abs_ = -1;  // InPlace: max |W0| over finite elements, measured at the first merge
 };
