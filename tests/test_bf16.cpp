@@ -361,13 +361,17 @@ TEST(Bf16FrozenWeight, StateErrorsAndShapes) {
   EXPECT_EQ(w.weight()(0, 0), 1.0f);
 }
 
-TEST(Bf16FrozenWeight, NonFiniteValuesStayNonFinite) {
-  MatF W(1, 3);
-  W << std::numeric_limits<float>::infinity(), std::nanf(""), 3.4e38f;
-  const MatF back = lora::Bf16FrozenWeight(W).weight();
-  EXPECT_TRUE(std::isinf(back(0, 0)));
-  EXPECT_TRUE(std::isnan(back(0, 1)));
-  EXPECT_TRUE(std::isinf(back(0, 2)));  // 3.4e38 rounds past bf16's largest finite value
+TEST(Bf16FrozenWeight, NonFiniteValuesStayNonFiniteAndTheStorageRefusesThem) {
+  const float values[3] = {std::numeric_limits<float>::infinity(), std::nanf(""), 3.4e38f};
+  EXPECT_TRUE(std::isinf(lora::detail::widen_bf16(lora::detail::round_to_bf16(values[0]))));
+  EXPECT_TRUE(std::isnan(lora::detail::widen_bf16(lora::detail::round_to_bf16(values[1]))));
+  // 3.4e38 rounds past bf16's largest finite value
+  EXPECT_TRUE(std::isinf(lora::detail::widen_bf16(lora::detail::round_to_bf16(values[2]))));
+  for (float v : values) {  // never stored as W0 (tests/test_hostile_numbers.cpp: the messages)
+    MatF W = MatF::Ones(2, 3);
+    W(1, 2) = v;
+    EXPECT_THROW(lora::Bf16FrozenWeight{W}, std::domain_error) << v;
+  }
 }
 
 }  // namespace

@@ -25,6 +25,7 @@
 #include <limits>
 #include <random>
 #include <stdexcept>
+#include <utility>
 
 namespace nf4_test {
 
@@ -400,6 +401,28 @@ TEST_P(Nf4Products, LayerForwardAndGradientsMatchFp64) {
   EXPECT_MATRIX_NEAR(layer.grad_A(), s * B.transpose() * Gd * Xd.transpose(), 1e-5);
   EXPECT_MATRIX_NEAR(layer.grad_B(), s * Gd * (A * Xd).transpose(), 1e-5);
   EXPECT_MATRIX_NEAR(dX, Wq.transpose() * Gq + s * A.transpose() * (B.transpose() * Gd), 1e-5);
+}
+
+TEST(Nf4Products, TallAndWideWeightsAreTiledWithinThePanelBound) {
+  // 20000 x 64: a column panel of 64 x 20000 would exceed 2^20 elements, so dX = W^T G runs in
+  // two tiles of rows; 16 x 70000: H = W X runs in two tiles of columns (the second ending in a
+  // partial block). The tiles must add up to the product, and the buffer stay within 4 MiB.
+  const int threads_before = Eigen::nbThreads();
+  Eigen::setNbThreads(1);  // the products run on this thread, whose buffer is measured
+  for (const auto& [d, k] :
+       {std::pair<Index, Index>{20000, 64}, std::pair<Index, Index>{16, 70000}}) {
+    SCOPED_TRACE(d);
+    const Nf4FrozenWeight w(gaussian(d, k, 41), options(true));
+    const MatrixD Wq = as_multiplied(w, w.dequantized());
+    const Matrix X = gaussian(k, 3, 42), G = gaussian(d, 3, 43);
+    Matrix H(d, 3), dX = Matrix::Zero(k, 3);
+    w.multiply(X, H);
+    EXPECT_MATRIX_NEAR(H, Wq * as_multiplied(w, X), 1e-5);
+    w.multiply_transposed_add(G, dX);
+    EXPECT_MATRIX_NEAR(dX, Wq.transpose() * as_multiplied(w, G), 1e-5);
+    EXPECT_LE(Nf4FrozenWeight::thread_panel_bytes(), std::size_t(4) << 20);
+  }
+  Eigen::setNbThreads(threads_before);
 }
 
 INSTANTIATE_TEST_SUITE_P(DoubleQuantization, Nf4Products, ::testing::Bool());

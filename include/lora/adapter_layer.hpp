@@ -358,10 +358,10 @@ class AdapterLayer {
     if (dropout) draw_dropout_mask(X.cols(), [&](Index j) { return column_dropout(adapters, j); });
     const int count = static_cast<int>(entries_.size());
     const bool dora = mixed_uses_dora(adapters);
-    // DoRA's c and 1/||W|| of adapter a in columns 2a, 2a + 1 (they scale its columns after the
+    // DoRA's m and 1/||W|| of adapter a in columns 2a, 2a + 1 (they scale its columns after the
     // frozen product).
     auto scales = ws.get(Slot::DoraScales, out_features(), dora ? 2 * count : 0);
-    if (dora && training_) tape_begin(X);
+    if (dora && training_) tape_begin(X, 0, &adapters);
     // Each column starts as its adapter's term plus the bias (as forward does), then the one
     // frozen product accumulates over the whole batch.
     for (int a = 0; a < count; ++a) {
@@ -555,7 +555,11 @@ class AdapterLayer {
       WorkspaceType ws;  // merge is not a hot path
       auto sc = ws.get(Slot::DoraScales, out_features(), 2);
       dora_scales(e.adapter, ws, sc);
-      merged_.g = sc.col(0);  // the row scale unmerge divides out again
+      // The row scale unmerge divides out again: c = m / ||W|| in double, then rounded to T (a c
+      // that overflows T, or whose inverse does, is refused by the storage's merge).
+      merged_.g =
+          (sc.col(0).template cast<double>().cwiseProduct(sc.col(1).template cast<double>()))
+              .template cast<T>();
     } else {
       merged_.g.resize(0);
     }
@@ -887,14 +891,17 @@ class AdapterLayer {
     }
   }
 
-  /// DoRA's row scales of adapter a into sc (d x 2): sc.col(0) = c = m / ||W0 + s B A||_row and
-  /// sc.col(1) = 1 / ||W0 + s B A||_row (0 for a zero row, whose direction is zero: its output is
-  /// the bias and its gradients vanish, where PEFT divides 0 by 0). No d x k matrix is formed:
+  /// DoRA's row scales of adapter a into sc (d x 2): sc.col(0) = m and sc.col(1) = 1 / ||W0 + s B
+  /// A||_row (0 for a zero row, whose direction is zero: its output is the bias and its gradients
+  /// vanish, where PEFT divides 0 by 0). The row scale c = m / ||W|| is formed in double where it
+  /// is used (dora_scale_col), so a c beyond T's range still scales z / ||W|| to a finite output.
+  /// No d x k matrix is formed:
   ///   ||w_i + s b_i A||^2 = ||w_i||^2 + 2 s b_i . (A w_i) + s^2 b_i (A A^T) b_i^T
   /// with ||w_i||^2 measured once (prepare_dora), A w_i from the storage's own product W0 A^T
   /// (d x r: r more output columns) and the r x r Gram matrix A A^T; the sum is taken in double.
   /// When it cancels (below 1/16 of |first| + |second| + |third|: the update removes most of the
-  /// row) the row is recomputed exactly from the row as stored (dora_exact_norms).
+  /// row) or a term is not finite (A A^T or W0 A^T overflowing T: the norm itself may be small)
+  /// the row is recomputed exactly from the row as stored (dora_exact_norms).
   void dora_scales(const Adapter& a, WorkspaceType& ws, Eigen::Ref<Matrix> sc) const {
     auto At = ws.get(Slot::DoraFactorT, in_features(), a.rank());
     At = a.A().transpose();
@@ -927,7 +934,9 @@ class AdapterLayer {
       const double w2 = w0_sq_norms_(i);
       const double sq = w2 + 2 * s * cross + s * s * quad;
       const double terms = w2 + 2 * std::abs(s * cross) + s * s * std::abs(quad);
-      if (sq * kDoraMaxCancellation >= terms) {  // false for NaN too
+      // Accepted only with finite terms: an overflowed Gram term (inf >= inf) says nothing about
+      // the norm. False for NaN too.
+      if (std::isfinite(terms) && sq * kDoraMaxCancellation >= terms) {
         set_dora_scale(sc, i, m(i), std::sqrt(sq));
       } else {
         sc(i, 1) = T(-1);  // marks the row for the exact recomputation
@@ -938,9 +947,18 @@ class AdapterLayer {
   }
 
   static void set_dora_scale(Eigen::Ref<Matrix> sc, Index i, T m, double norm) {
-    const double inv = norm > 0 ? 1.0 / norm : 0.0;
-    sc(i, 0) = static_cast<T>(double(m) * inv);
-    sc(i, 1) = static_cast<T>(inv);
+    sc(i, 0) = m;
+    sc(i, 1) = static_cast<T>(norm > 0 ? 1.0 / norm : 0.0);
+  }
+
+  /// out = c .* v with c = m / ||W|| = sc.col(0) .* sc.col(1), all in double (c may exceed T's
+  /// range where c .* v does not), rounded to T once.
+  template <typename Out, typename V>
+  static void dora_scale_col(Out out, const Eigen::Ref<const Matrix>& sc, const V& v) {
+    out = (sc.col(0).template cast<double>().array() *
+           (v.template cast<double>().array() * sc.col(1).template cast<double>().array()))
+              .template cast<T>()
+              .matrix();
   }
 
   /// The rows marked in sc (col 1 < 0): ||w_i + s b_i A|| summed in double over the row of W0 as
@@ -960,13 +978,30 @@ class AdapterLayer {
     const Matrix& B = a.B();
     for (Index i = 0, c = 0; i < d; ++i) {
       if (sc(i, 1) >= 0) continue;
-      double sum = 0;
+      // ||v|| as scale * sqrt(ssq) (LAPACK's dnrm2 update): v * v may overflow double where the
+      // norm does not (a double layer with elements near 1e200).
+      double scale = 0, ssq = 1;
       for (Index l = 0; l < k; ++l) {
         double v = double(rows(l, c));
         for (Index j = 0; j < r; ++j) v += s * double(B(i, j)) * double(A(j, l));
-        sum += v * v;
+        if (!std::isfinite(v))
+          throw std::domain_error(detail::concat(
+              face_, ": DoRA: row ", i, " of W0 + s*B*A is not finite in double at column ", l,
+              " (", v, "); its norm, which DoRA divides by, cannot be computed"));
+        const double av = std::abs(v);
+        if (av == 0) continue;
+        if (scale < av) {
+          ssq = 1 + ssq * (scale / av) * (scale / av);
+          scale = av;
+        } else {
+          ssq += (av / scale) * (av / scale);
+        }
       }
-      set_dora_scale(sc, i, a.magnitude()(i), std::sqrt(sum));
+      const double norm = scale * std::sqrt(ssq);
+      if (!std::isfinite(norm))
+        throw std::domain_error(detail::concat(face_, ": DoRA: the norm of row ", i,
+                                               " of W0 + s*B*A overflows double"));
+      set_dora_scale(sc, i, a.magnitude()(i), norm);
       ++c;
     }
   }
@@ -984,7 +1019,8 @@ class AdapterLayer {
     auto sc = ws.get(Slot::DoraScales, d, 2);
     const bool dropout = dropout_active();
     // The product's input [X or Xd, A^T] (k x (n + r)): in training mode the tape's copy of X.
-    Eigen::Map<Matrix> Xe = training_ ? tape_begin(X, r) : ws.get(Slot::DoraInput, k, n + r);
+    Eigen::Map<Matrix> Xe =
+        training_ ? tape_begin(X, r, nullptr) : ws.get(Slot::DoraInput, k, n + r);
     if (!training_) Xe.leftCols(n) = X;
     Xe.rightCols(r) = a.A().transpose();
     auto He = ws.get(Slot::DoraOutput, d, n + r);  // [Z, W0 A^T]
@@ -1020,7 +1056,7 @@ class AdapterLayer {
   template <typename Col>
   void dora_finish_column(Col z, const Eigen::Ref<const Matrix>& sc, Index tape_col) const {
     if (tape_col >= 0) tape_direction().col(tape_col) = z.cwiseProduct(sc.col(1));
-    z = sc.col(0).cwiseProduct(z);
+    dora_scale_col(z, sc, z);  // c .* z (elementwise: z may be read as it is written)
     if (has_bias()) z += bias_;
   }
   template <typename Col, typename Base>
@@ -1049,10 +1085,11 @@ class AdapterLayer {
     // One pass over the group's columns: dm += G .* Zn (summed over columns), Gc = c .* G.
     auto scale_and_dm = [&](Index c, auto zn) {
       dm.noalias() += G.col(c).cwiseProduct(zn);
-      Gc.col(c) = G.col(c).cwiseProduct(sc.col(0));
+      dora_scale_col(Gc.col(c), sc, G.col(c));
     };
-    if (tape_fits(index, ad, X)) {
-      sc.col(0) = tape_[static_cast<std::size_t>(index)].c;
+    if (tape_fits(index, ad, X, adapters)) {
+      sc.col(0) = ad.magnitude();
+      sc.col(1) = tape_[static_cast<std::size_t>(index)].inv;
       const auto tape = tape_direction();
       if (adapters == nullptr) {
         for (Index j = 0; j < n; ++j) scale_and_dm(j, tape.col(j));
@@ -1073,21 +1110,30 @@ class AdapterLayer {
     if (dXa == nullptr) return Gc;
     ad.assign_input_gradient(BtG, *dXa);  // s A^T (B^T Gc): (k x r)(r x n)
     if (dropout) {
-      Gc.array() = G.array().colwise() * (sc.col(0).array() - T(1));
+      for (Index j = 0; j < n; ++j)  // (c - 1) .* G, c in double
+        Gc.col(j) = ((sc.col(0).template cast<double>().array() *
+                          sc.col(1).template cast<double>().array() -
+                      1.0) *
+                     G.col(j).template cast<double>().array())
+                        .template cast<T>()
+                        .matrix();
       frozen_.multiply_transposed_add(Gc, *dXa);  // + W0^T ((c - 1) .* G): (k x d)(d x n)
     }
     return Gc;
   }
 
-  // DoRA's tape: what a training-mode forward keeps for backward (the batch X, Z / ||W|| per
-  // column, and per adapter c and the values it was computed from). A backward uses it only when
-  // X and the adapter are unchanged, and recomputes otherwise: never a stale gradient.
+  // DoRA's tape: what a training-mode forward keeps for backward (the batch X, which adapter each
+  // column went through, Z / ||W|| per column, and per adapter 1 / ||W|| and the values it was
+  // computed from). A backward uses it only when X, the adapter and the columns routed to it are
+  // unchanged, and recomputes otherwise: never a stale or unwritten gradient.
 
   void forget_tape() { tape_n_ = -1; }
 
   /// Starts the tape of a forward over X and returns its copy of X, k x (n + extra): the extra
-  /// columns are the caller's (dora_forward puts A^T there for its product).
-  Eigen::Map<Matrix> tape_begin(const Eigen::Ref<const Matrix>& X, Index extra = 0) const {
+  /// columns are the caller's (dora_forward puts A^T there for its product). `route`: the adapter
+  /// of each column (a mixed batch), or nullptr when every column goes through the active one.
+  Eigen::Map<Matrix> tape_begin(const Eigen::Ref<const Matrix>& X, Index extra,
+                                const std::vector<int>* route) const {
     const Index k = in_features(), n = X.cols();
     if (tape_x_.size() < k * (n + extra)) tape_x_.resize(k * (n + extra));
     if (tape_zn_.size() < out_features() * n) tape_zn_.resize(out_features() * n);
@@ -1095,6 +1141,11 @@ class AdapterLayer {
     Xe.leftCols(n) = X;
     if (tape_.size() < entries_.size()) tape_.resize(entries_.size());
     for (auto& t : tape_) t.valid = false;
+    if (route != nullptr) {
+      tape_route_.assign(route->begin(), route->end());  // no allocation once grown
+    } else {
+      tape_route_.assign(static_cast<std::size_t>(n), active_);
+    }
     tape_n_ = n;
     return Xe;
   }
@@ -1106,15 +1157,24 @@ class AdapterLayer {
     t.A = a.A();  // same shapes from step to step: no allocation
     t.B = a.B();
     t.m = a.magnitude();
-    t.c = sc.col(0);
+    t.inv = sc.col(1);
   }
 
   Eigen::Map<Matrix> tape_direction() const {
     return Eigen::Map<Matrix>(tape_zn_.data(), out_features(), tape_n_);
   }
 
-  bool tape_fits(int index, const Adapter& a, const Eigen::Ref<const Matrix>& X) const {
+  /// True when the tape holds what a backward of adapter `index` over X needs: the same X, the
+  /// same adapter values, and the same columns routed to `index` (`route`: the backward's routing,
+  /// nullptr when every column is the adapter's). Columns routed elsewhere in the forward were
+  /// never written for this adapter.
+  bool tape_fits(int index, const Adapter& a, const Eigen::Ref<const Matrix>& X,
+                 const std::vector<int>* route) const {
     if (tape_n_ != X.cols() || static_cast<std::size_t>(index) >= tape_.size()) return false;
+    for (std::size_t j = 0; j < tape_route_.size(); ++j) {
+      const bool now = route == nullptr || (*route)[j] == index;
+      if ((tape_route_[j] == index) != now) return false;
+    }
     const TapeEntry& t = tape_[static_cast<std::size_t>(index)];
     return t.valid && t.scaling == a.scaling() && same(t.A, a.A()) && same(t.B, a.B()) &&
            same(t.m, a.magnitude()) &&
@@ -1139,9 +1199,10 @@ class AdapterLayer {
     bool valid = false;
     T scaling{};
     Matrix A, B;
-    Vector m, c;
+    Vector m, inv;  // inv: 1 / ||W|| per row
   };
   mutable std::vector<TapeEntry> tape_;  // per adapter index
+  mutable std::vector<int> tape_route_;  // the adapter of each column on the tape
   mutable Vector tape_x_, tape_zn_;      // X (k x n) and Z / ||W|| (d x n), grown, never shrunk
   mutable Index tape_n_ = -1;            // the batch on the tape; -1: none
 };

@@ -76,7 +76,8 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
  public:
   /// Rounds W0 (out x in, fp32) to bf16 and stores it. `mode`: ExactRestore (the default) merges
   /// into a second bf16 buffer, InPlace into W0 itself (see the top of this file). Throws
-  /// std::invalid_argument for an empty W0 or for Bf16Backend::OneDnn without oneDNN.
+  /// std::invalid_argument for an empty W0 or for Bf16Backend::OneDnn without oneDNN, and
+  /// std::domain_error for an element of W0 that is NaN or infinite, or becomes so in bf16.
   explicit Bf16FrozenWeight(const Eigen::Ref<const Matrix>& W0,
                             MergeMode mode = MergeMode::ExactRestore,
                             Bf16Backend backend = Bf16Backend::Auto,
@@ -84,7 +85,17 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
       : mode_(mode), backend_(resolve(backend)), layout_(layout) {
     detail::require(W0.size() > 0, "Bf16FrozenWeight: W0 must not be empty, got ",
                     detail::shape_string(W0.rows(), W0.cols()));
+    detail::require_finite("Bf16FrozenWeight", "W0", W0);  // as Nf4FrozenWeight: never stored
     detail::to_bf16(W0, pristine_);
+    if (!all_finite()) {  // a finite fp32 above bf16's largest (about 3.3962e38) rounds to inf
+      const Matrix back = weight();
+      for (Index j = 0; j < back.cols(); ++j)
+        for (Index i = 0; i < back.rows(); ++i)
+          if (!std::isfinite(back(i, j)))
+            throw std::domain_error(detail::concat("Bf16FrozenWeight: W0(", i, ", ", j,
+                                                   ") = ", W0(i, j), " rounds to ", back(i, j),
+                                                   " in bf16 (largest finite: about 3.3962e38)"));
+    }
 #if defined(LORA_WITH_ONEDNN)
     if (backend_ == Bf16Backend::OneDnn) onednn_.create();
 #endif
@@ -217,7 +228,8 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
   /// fp32 one column panel at a time: beside W0 (ExactRestore; the second buffer is allocated on
   /// the first merge only) or over it (InPlace). Throws std::domain_error, leaving the weight as it
   /// was, where an element that was finite in W0 is not finite in bf16 (a bf16 rounds anything
-  /// above about 3.3962e38 to infinity, although fp32 holds it).
+  /// above about 3.3962e38 to infinity, although fp32 holds it), and in InPlace mode where a row
+  /// scale g_i or its inverse is not finite in fp32 (unmerge() divides by g_i).
   void merge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
              const Eigen::Ref<const Vector>& g) {
     check_merge_call("Bf16FrozenWeight::merge", true, g);
@@ -225,9 +237,7 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
       merged_.resize(out_features(), in_features());
       for_each_merged_panel(s, B, A, g, &merged_);  // a refusal leaves W0 as it was
     } else {
-      detail::require(g.size() == 0 || (g.array() != 0.0f).all(),
-                      "Bf16FrozenWeight::merge: an InPlace merge cannot undo a zero row scale; "
-                      "use MergeMode::ExactRestore");
+      check_inverse_row_scale("Bf16FrozenWeight::merge", g);
       for_each_merged_panel(s, B, A, g, nullptr);     // check every element first,
       for_each_merged_panel(s, B, A, g, &pristine_);  // then overwrite W0
     }

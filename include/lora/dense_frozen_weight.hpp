@@ -75,9 +75,10 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
   /// W = diag(g) (W0 + s B A) (B: d x r, A: r x k, g: d or empty for none), without a d x k
   /// temporary in the common case. ExactRestore builds it in a second buffer beside W0.
   /// Throws std::domain_error, leaving the weight as it was, where the result is not finite
-  /// although W0 was (an infinity would survive unmerge() and corrupt W0 for good). InPlace mode
-  /// updates in place when a cheap O(r (d + k)) bound proves that impossible, and otherwise builds
-  /// the sum aside and checks it first.
+  /// although W0 was (an infinity would survive unmerge() and corrupt W0 for good), and in InPlace
+  /// mode where a row scale g_i or its inverse is not finite in T (unmerge() divides by g_i).
+  /// InPlace mode updates in place when a cheap O(r (d + k)) bound proves that impossible, and
+  /// otherwise builds the sum aside and checks it first.
   void merge(T s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
              const Eigen::Ref<const Vector>& g) {
     this->check_merge_call("DenseFrozenWeight::merge", true, g);
@@ -87,9 +88,7 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
       detail::require_update_finite("DenseFrozenWeight::merge", spare_, weight_);
       weight_.swap(spare_);  // spare_ now holds the pristine W0
     } else {
-      detail::require(g.size() == 0 || (g.array() != T(0)).all(),
-                      "DenseFrozenWeight::merge: an InPlace merge cannot undo a zero row scale; "
-                      "use MergeMode::ExactRestore");
+      this->check_inverse_row_scale("DenseFrozenWeight::merge", g);
       if (w0_max_abs_ < 0) w0_max_abs_ = detail::max_abs_finite(weight_);  // W is W0 here
       const double g_max = g.size() ? static_cast<double>(g.cwiseAbs().maxCoeff()) : 1.0;
       const double g_min = g.size() ? static_cast<double>(g.cwiseAbs().minCoeff()) : 1.0;

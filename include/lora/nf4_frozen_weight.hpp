@@ -20,7 +20,9 @@
 //    at a time, times X (or G) rounded to bf16, accumulated in fp32: the bf16 base's error on top
 //    of the quantization, at about the bf16 base's speed.
 // Neither keeps a full-precision copy of W0: the products dequantize panels of at most 256 rows
-// (or columns) on the fly into per-thread buffers (lora/detail/panel_storage.hpp, shared with
+// (or columns) on the fly, tile by tile, into per-thread buffers of at most 2^20 elements (4 MiB
+// in fp32, 2 MiB in bf16, whatever the shape: a very tall or wide W is cut along its other
+// dimension too; thread_panel_bytes() reports them; lora/detail/panel_storage.hpp, shared with
 // GgmlFrozenWeight); lora allocates nothing in a steady-state product.
 //
 // Merge: the 4-bit W0 cannot absorb s*B*A, so merge() builds the merged weight

@@ -15,6 +15,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <stdexcept>
@@ -53,24 +54,39 @@ Eigen::Index parameter_count(const std::vector<ParameterView<T>>& params) {
 
 /// Scales all gradients together so that their global L2 norm is at most max_norm, as
 /// torch.nn.utils.clip_grad_norm_: with N = sqrt(sum ||g_i||^2), every g_i *= max_norm / (N + 1e-6)
-/// when that factor is below 1. Returns N, the norm before clipping. Throws std::invalid_argument
-/// for a negative or non-finite max_norm, and std::domain_error (gradients left untouched) when N
-/// is not finite: a NaN or infinite gradient must not be scaled into the weights unnoticed.
+/// when that factor is below 1. Returns N, the norm before clipping (computed in double, so any
+/// finite gradients give their true norm; returned as T, infinity if N exceeds T's range). Throws
+/// std::invalid_argument for a negative or non-finite max_norm, and std::domain_error (gradients
+/// left untouched) when a gradient holds NaN or infinity, or N overflows double: a non-finite
+/// gradient must not be scaled into the weights unnoticed.
 template <typename T>
 T clip_grad_norm(const std::vector<ParameterView<T>>& params, T max_norm) {
   detail::require(std::isfinite(static_cast<double>(max_norm)) && max_norm >= T(0),
                   "lora::clip_grad_norm: max_norm must be finite and >= 0, got ", max_norm);
   detail::require_valid("lora::clip_grad_norm", params);
-  double sum_sq = 0;  // accumulated in double: a sum of many float squares loses digits
+  // N in double from the elements: a tensor's norm taken in T first overflows float at 1e20
+  // (squared); squares beyond double (1e200) are summed as amax * sqrt(sum (g / amax)^2).
+  double amax = 0;
   for (const auto& p : params) {
-    const double n = static_cast<double>(p.grad.norm());
-    sum_sq += n * n;
+    if (!p.grad.allFinite())
+      throw std::domain_error(
+          detail::concat("lora::clip_grad_norm: a gradient holds NaN or infinity; the gradients "
+                         "were left unscaled"));
+    if (p.grad.size() != 0)
+      amax = std::max(amax, static_cast<double>(p.grad.cwiseAbs().maxCoeff()));
   }
-  const double norm = std::sqrt(sum_sq);
+  double sum_sq = 0;
+  for (const auto& p : params) sum_sq += p.grad.template cast<double>().squaredNorm();
+  double norm = std::sqrt(sum_sq);
+  if (!std::isfinite(norm) && amax > 0) {  // squares beyond double (T = double): scale them
+    sum_sq = 0;
+    for (const auto& p : params) sum_sq += (p.grad.template cast<double>() / amax).squaredNorm();
+    norm = amax * std::sqrt(sum_sq);
+  }
   if (!std::isfinite(norm)) {
     throw std::domain_error(
-        detail::concat("lora::clip_grad_norm: the gradient norm is ", norm,
-                       " (a gradient holds NaN or infinity); the gradients were left unscaled"));
+        detail::concat("lora::clip_grad_norm: the gradient norm overflows double (largest element ",
+                       amax, "); the gradients were left unscaled"));
   }
   const double coef = static_cast<double>(max_norm) / (norm + 1e-6);
   if (coef < 1.0) {

@@ -40,9 +40,10 @@ enum class Combination {
 
 /// One adapter equal to sum_i weights[i] * s_i * B_i * A_i (Cat), or its best approximation of rank
 /// `svd_rank` (Svd; 0 means the largest input rank, PEFT's default). All adapters must be for the
-/// same d x k weight. Throws std::invalid_argument for empty or mismatched inputs, a non-finite
-/// weight, or a rank the layer cannot hold (Cat: sum of ranks <= min(d, k); Svd: 1 <= t <= sum of
-/// ranks), and std::domain_error when the combination is not finite in T (weights too large).
+/// same d x k weight. Throws std::invalid_argument for empty or mismatched inputs, a DoRA
+/// adapter, a non-finite weight, or a rank the layer cannot hold (Cat: sum of ranks <= min(d, k);
+/// Svd: 1 <= t <= sum of ranks), and std::domain_error when the combination is not finite in T
+/// (weights too large).
 template <typename T>
 LoRAAdapter<T> combine_adapters(const std::vector<const LoRAAdapter<T>*>& adapters,
                                 const std::vector<double>& weights, Combination how,
@@ -64,6 +65,11 @@ LoRAAdapter<T> combine_adapters(const std::vector<const LoRAAdapter<T>*>& adapte
                     detail::shape_string(adapters[i]->out_features(), adapters[i]->in_features()),
                     " weight, adapter 0 for ", detail::shape_string(d, k));
     detail::require(std::isfinite(weights[i]), where, ": weight ", i, " is not finite");
+    // The result is a plain adapter: a DoRA input's magnitude (its output's row scale) would be
+    // dropped without a word, changing what the adapter computes.
+    detail::require(!adapters[i]->uses_dora(), where, ": adapter ", i,
+                    " is a DoRA adapter; a weighted sum of B A updates does not combine DoRA's "
+                    "magnitudes (PEFT refuses it too)");
     total_rank += adapters[i]->rank();
     max_rank = std::max(max_rank, adapters[i]->rank());
     any_bias = any_bias || adapters[i]->has_lora_bias();

@@ -10,7 +10,9 @@
 
 #include <Eigen/Core>
 
+#include <cmath>
 #include <memory>
+#include <stdexcept>
 
 namespace lora::detail {
 
@@ -43,6 +45,22 @@ class FrozenStorageBase {
                   merging ? ": a delta is already merged" : ": nothing is merged");
     require(g.size() == 0 || g.size() == self().out_features(), who, ": the row scale must have ",
             self().out_features(), " elements or none, got ", g.size());
+  }
+
+  /// The check of an InPlace merge's row scale, before anything is written: unmerge() divides
+  /// row i by g_i again, so g_i and 1 / g_i must both be finite in S. A zero g_i, or a tiny one (a
+  /// DoRA magnitude of 1e-40 gives 1 / g_i = inf in float), would bring W0's row back as inf or
+  /// NaN for good: std::domain_error naming the row, weight untouched.
+  void check_inverse_row_scale(const char* who, const Eigen::Ref<const Vector>& g) const {
+    for (Index i = 0; i < g.size(); ++i) {
+      const S inverse = S(1) / g(i);  // as unmerge computes it
+      if (std::isfinite(g(i)) && std::isfinite(inverse)) continue;
+      throw std::domain_error(concat(
+          who, ": the row scale of row ", i, " is ", g(i), " and its inverse ", inverse,
+          ": an InPlace unmerge() divides by it and could not give W0 back (a zero or tiny DoRA "
+          "magnitude, or a zero row of W0 + s*B*A); the weight was left as it was; use "
+          "MergeMode::ExactRestore"));
+    }
   }
 
  private:

@@ -18,8 +18,9 @@
 //
 // Where this differs from bitsandbytes, on purpose:
 //   - a block of zeros (c = 0): bitsandbytes computes 0 * (1/0) = NaN and stores code 0 (-1.0),
-//   whose
-//     value times c = 0 is -0; here the block stores the code of 0.0 and dequantizes to +0;
+//     whose value times c = 0 is -0; here the block stores the code of 0.0 and dequantizes to +0;
+//   - a block whose absmax is below 1/FLT_MAX (subnormal): 1/c is inf, so bitsandbytes' w * (1/c)
+//     is NaN or inf; here such a block divides w / c (the codes then keep the error bound);
 //   - blocks never straddle rows (bitsandbytes blocks the flattened tensor); a row's last block may
 //     be partial and its padding stores the code of 0.0;
 //   - double quantization subtracts the mean of all absmax values, as bitsandbytes does, but stores
@@ -114,12 +115,17 @@ inline void quantize_row(const float* src, Index k, std::uint8_t* codes, float* 
     for (Index j = 0; j < count; ++j) c = std::max(c, std::abs(src[begin + j]));
     absmax[b] = c;
     const float inv = c > 0.0f ? 1.0f / c : 0.0f;  // bitsandbytes multiplies by 1.0f / absmax
+    // Below 1/FLT_MAX (about 2.9e-39, a subnormal absmax) 1/c is inf, and w * inf would be NaN
+    // for w = 0 (code 0: -1.0) and inf otherwise: such a block divides by c instead, exact to
+    // the rounding of one division (|w / c| <= 1 always).
+    const bool divide = !std::isfinite(inv);
+    const auto normalised = [&](Index j) { return divide ? src[j] / c : src[j] * inv; };
     std::uint8_t* out = codes + b * kBlockBytes;
     for (Index j = 0; j < kBlock; j += 2) {
       const std::uint8_t hi =
-          (j < count && c > 0.0f) ? quantize_code(src[begin + j] * inv) : kZeroCode;
+          (j < count && c > 0.0f) ? quantize_code(normalised(begin + j)) : kZeroCode;
       const std::uint8_t lo =
-          (j + 1 < count && c > 0.0f) ? quantize_code(src[begin + j + 1] * inv) : kZeroCode;
+          (j + 1 < count && c > 0.0f) ? quantize_code(normalised(begin + j + 1)) : kZeroCode;
       out[j / 2] = static_cast<std::uint8_t>((hi << 4) | lo);
     }
   }

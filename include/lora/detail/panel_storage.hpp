@@ -154,7 +154,9 @@ class PanelStorage : public FrozenStorageBase<Derived, float> {
 
   /// The widest column alignment a storage may ask for (a k-quant super-block).
   static constexpr Index kMaxAlignment = 256;
-  // Panels: at most 256 rows (columns) and about 2^20 elements (4 MiB in fp32, 2 MiB in bf16).
+  // Panels: at most 256 rows (columns) and at most 2^20 elements (4 MiB in fp32, 2 MiB in bf16),
+  // whatever the shape: a tall W (an LM head, d = 131072) or a wide one is also cut along its
+  // other dimension, so the per-thread buffer is bounded by bytes, not by a number of rows.
   static constexpr Index kMaxPanel = 256;
   static constexpr Index kPanelElements = Index(1) << 20;
 
@@ -176,12 +178,28 @@ class PanelStorage : public FrozenStorageBase<Derived, float> {
   /// A per-thread, grow-only fp32 buffer (slot 0: panels, slot 1: a storage's own use): const
   /// products may run on many threads at once, and a steady-state call allocates nothing.
   static float* buffer_f32(int slot, Index count) {
-    thread_local Vector buffers[2];
-    Vector& b = buffers[slot];
+    Vector& b = f32_buffers()[slot];
     if (b.size() < count) b.resize(count);
     return b.data();
   }
+  static Vector* f32_buffers() {
+    thread_local Vector buffers[2];
+    return buffers;
+  }
 
+ public:
+  /// Bytes of the calling thread's panel buffers (fp32, and bf16 for the oneDNN back end), which
+  /// every product of these storages on this thread shares and grows: at most 4 MiB (fp32) and
+  /// 2 MiB plus the bf16 copy of the product's input (oneDNN), whatever the weight's shape.
+  static std::size_t thread_panel_bytes() {
+    std::size_t bytes = std::size_t(f32_buffers()[0].size()) * sizeof(float);
+#if defined(LORA_WITH_ONEDNN)
+    bytes += std::size_t(bf16_buffers()[1].size()) * sizeof(bf16);
+#endif
+    return bytes;
+  }
+
+ protected:
   Index d_ = 0, k_ = 0;
 
  private:
@@ -194,11 +212,22 @@ class PanelStorage : public FrozenStorageBase<Derived, float> {
     const Index p = std::clamp<Index>(kPanelElements / k_, 16, kMaxPanel) / 16 * 16;
     return std::min(d_, p);
   }
-  /// Columns per panel of dX = W^T G (the panel is d x cols): a multiple of the alignment.
+  /// Columns of W per tile of a row panel of P rows: all of k when P x k fits the panel's
+  /// elements, else a multiple of the alignment (whole blocks) with P x chunk <= elements.
+  Index row_panel_chunk(Index P) const {
+    if (P * k_ <= kPanelElements) return k_;
+    const Index unit = self().column_alignment();
+    return std::max<Index>(unit, kPanelElements / P / unit * unit);
+  }
+  /// Columns per panel of dX = W^T G: a multiple of the alignment, about elements / d.
   Index col_panel() const {
     const Index unit = self().column_alignment();
     const Index q = std::clamp<Index>(kPanelElements / d_, unit, kMaxPanel) / unit * unit;
     return std::min((k_ + unit - 1) / unit * unit, q);
+  }
+  /// Rows of W per tile of a column panel of Q columns: all of d when d x Q fits the elements.
+  Index col_panel_chunk(Index Q) const {
+    return std::min(d_, std::max<Index>(1, kPanelElements / Q));
   }
 
   Matrix build_merged(const char* where, float s, const Eigen::Ref<const Matrix>& B,
@@ -238,13 +267,18 @@ class PanelStorage : public FrozenStorageBase<Derived, float> {
     }
 #endif
     if (!accumulate) H.setZero();
-    const Index P = row_panel();
-    // Panels write disjoint rows of H: one thread each (the product inside then runs serially).
+    const Index P = row_panel(), C = row_panel_chunk(P);
+    // Panels write disjoint rows of H: one thread each (the product inside then runs serially),
+    // each in tiles of C columns of W (all of k unless P x k exceeds the panel's bytes).
     parallel_for((d_ + P - 1) / P, Eigen::nbThreads(), [&](Index p) {
       const Index i0 = p * P, rows = std::min(P, d_ - i0);
-      Eigen::Map<Matrix> Wt(buffer_f32(0, k_ * rows), k_, rows);  // column i = row i0 + i of W'
-      for (Index i = 0; i < rows; ++i) self().dequantize_row(i0 + i, 0, k_, Wt.col(i).data());
-      gemm_add(H.middleRows(i0, rows), Wt.transpose(), X, 1.0f);  // (rows x k)(k x n)
+      for (Index j0 = 0; j0 < k_; j0 += C) {
+        const Index cols = std::min(C, k_ - j0);
+        Eigen::Map<Matrix> Wt(buffer_f32(0, cols * rows), cols, rows);  // Wt(j, i) = W'(i0+i, j0+j)
+        for (Index i = 0; i < rows; ++i) self().dequantize_row(i0 + i, j0, cols, Wt.col(i).data());
+        // (rows x cols)(cols x n)
+        gemm_add(H.middleRows(i0, rows), Wt.transpose(), X.middleRows(j0, cols), 1.0f);
+      }
     });
   }
 
@@ -264,13 +298,17 @@ class PanelStorage : public FrozenStorageBase<Derived, float> {
     }
 #endif
     if (!accumulate) dX.setZero();
-    const Index Q = col_panel();
-    // Column panels of W write disjoint rows of dX: one thread each.
+    const Index Q = col_panel(), R = col_panel_chunk(Q);
+    // Column panels of W write disjoint rows of dX: one thread each, in tiles of R rows of W.
     parallel_for((k_ + Q - 1) / Q, Eigen::nbThreads(), [&](Index p) {
       const Index j0 = p * Q, cols = std::min(Q, k_ - j0);
-      Eigen::Map<Matrix> Wt(buffer_f32(0, cols * d_), cols, d_);  // Wt(j, i) = W'(i, j0 + j)
-      for (Index i = 0; i < d_; ++i) self().dequantize_row(i, j0, cols, Wt.col(i).data());
-      gemm_add(dX.middleRows(j0, cols), Wt, G, 1.0f);  // (cols x d)(d x n)
+      for (Index i0 = 0; i0 < d_; i0 += R) {
+        const Index rows = std::min(R, d_ - i0);
+        Eigen::Map<Matrix> Wt(buffer_f32(0, cols * rows), cols, rows);  // Wt(j, i) = W'(i0+i, j0+j)
+        for (Index i = 0; i < rows; ++i) self().dequantize_row(i0 + i, j0, cols, Wt.col(i).data());
+        // (cols x rows)(rows x n)
+        gemm_add(dX.middleRows(j0, cols), Wt, G.middleRows(i0, rows), 1.0f);
+      }
     });
   }
 
@@ -298,10 +336,13 @@ class PanelStorage : public FrozenStorageBase<Derived, float> {
 
   /// Per-thread, grow-only bf16 buffers (slot 0: the rounded input, slot 1: the weight panel).
   static bf16* buffer_bf16(int slot, Index count) {
-    thread_local Eigen::Matrix<bf16, Eigen::Dynamic, 1> buffers[2];
-    auto& b = buffers[slot];
+    auto& b = bf16_buffers()[slot];
     if (b.size() < count) b.resize(count);
     return b.data();
+  }
+  static Eigen::Matrix<bf16, Eigen::Dynamic, 1>* bf16_buffers() {
+    thread_local Eigen::Matrix<bf16, Eigen::Dynamic, 1> buffers[2];
+    return buffers;
   }
 
   /// Runs panel(p, thread) for p < panels, spread over up to Eigen::nbThreads() threads with
@@ -329,24 +370,28 @@ class PanelStorage : public FrozenStorageBase<Derived, float> {
     const Index n = X.cols();
     bf16* xb = buffer_bf16(0, k_ * n);  // X rounded to bf16, packed (k x n)
     for (Index j = 0; j < n; ++j) to_bf16(X.data() + j * X.outerStride(), xb + j * k_, k_);
-    const Index P = row_panel();
+    const Index P = row_panel(), C = row_panel_chunk(P);
     for_each_panel((d_ + P - 1) / P, [&](Index p, int thread) {
       const Index i0 = p * P, rows = std::min(P, d_ - i0);
-      // The panel row-major (rows x k): row i at panel + i * k.
-      bf16* panel = buffer_bf16(1, P * k_);
-      for (Index i = 0; i < rows; ++i) self().dequantize_row_bf16(i0 + i, 0, k_, panel + i * k_);
-      // H(i0:i0+rows, :)^T (n x rows) (+)= X^T (n x k) * panel^T (k x rows).
-      onednn::MatmulShape s;
-      s.M = n;
-      s.K = k_;
-      s.N = rows;
-      s.src_ld = k_;
-      s.dst_ld = H.outerStride();
-      s.wei_s0 = 1;  // panel^T(kk, i) = panel(i, kk) at i * k + kk
-      s.wei_s1 = k_;
-      s.src_type = s.wei_type = onednn::dt::bf16;
-      s.accumulate = accumulate;
-      onednn_->cache(thread).run(s, xb, panel, H.data() + i0);
+      for (Index j0 = 0; j0 < k_; j0 += C) {  // tiles of C columns of W (all of k unless wide)
+        const Index cols = std::min(C, k_ - j0);
+        // The tile row-major (rows x cols): row i at panel + i * cols.
+        bf16* panel = buffer_bf16(1, rows * cols);
+        for (Index i = 0; i < rows; ++i)
+          self().dequantize_row_bf16(i0 + i, j0, cols, panel + i * cols);
+        // H(i0:i0+rows, :)^T (n x rows) (+)= X(j0:j0+cols, :)^T (n x cols) * tile^T.
+        onednn::MatmulShape s;
+        s.M = n;
+        s.K = cols;
+        s.N = rows;
+        s.src_ld = k_;
+        s.dst_ld = H.outerStride();
+        s.wei_s0 = 1;  // tile^T(kk, i) = tile(i, kk) at i * cols + kk
+        s.wei_s1 = cols;
+        s.src_type = s.wei_type = onednn::dt::bf16;
+        s.accumulate = accumulate || j0 > 0;
+        onednn_->cache(thread).run(s, xb + j0, panel, H.data() + i0);
+      }
     });
   }
 
@@ -356,24 +401,28 @@ class PanelStorage : public FrozenStorageBase<Derived, float> {
     const Index n = G.cols();
     bf16* gb = buffer_bf16(0, d_ * n);  // G rounded to bf16, packed (d x n)
     for (Index j = 0; j < n; ++j) to_bf16(G.data() + j * G.outerStride(), gb + j * d_, d_);
-    const Index Q = col_panel();
+    const Index Q = col_panel(), R = col_panel_chunk(Q);
     for_each_panel((k_ + Q - 1) / Q, [&](Index p, int thread) {
       const Index j0 = p * Q, cols = std::min(Q, k_ - j0);
-      // The panel row-major (d x cols): W'(i, j0 + j) at panel + i * cols + j.
-      bf16* panel = buffer_bf16(1, d_ * Q);
-      for (Index i = 0; i < d_; ++i) self().dequantize_row_bf16(i, j0, cols, panel + i * cols);
-      // dX(j0:j0+cols, :)^T (n x cols) (+)= G^T (n x d) * panel (d x cols).
-      onednn::MatmulShape s;
-      s.M = n;
-      s.K = d_;
-      s.N = cols;
-      s.src_ld = d_;
-      s.dst_ld = dX.outerStride();
-      s.wei_s0 = cols;
-      s.wei_s1 = 1;
-      s.src_type = s.wei_type = onednn::dt::bf16;
-      s.accumulate = accumulate;
-      onednn_->cache(thread).run(s, gb, panel, dX.data() + j0);
+      for (Index i0 = 0; i0 < d_; i0 += R) {  // tiles of R rows of W (all of d unless tall)
+        const Index rows = std::min(R, d_ - i0);
+        // The tile row-major (rows x cols): W'(i0 + i, j0 + j) at panel + i * cols + j.
+        bf16* panel = buffer_bf16(1, rows * cols);
+        for (Index i = 0; i < rows; ++i)
+          self().dequantize_row_bf16(i0 + i, j0, cols, panel + i * cols);
+        // dX(j0:j0+cols, :)^T (n x cols) (+)= G(i0:i0+rows, :)^T (n x rows) * tile.
+        onednn::MatmulShape s;
+        s.M = n;
+        s.K = rows;
+        s.N = cols;
+        s.src_ld = d_;
+        s.dst_ld = dX.outerStride();
+        s.wei_s0 = cols;
+        s.wei_s1 = 1;
+        s.src_type = s.wei_type = onednn::dt::bf16;
+        s.accumulate = accumulate || i0 > 0;
+        onednn_->cache(thread).run(s, gb + i0, panel, dX.data() + j0);
+      }
     });
   }
 #endif

@@ -306,6 +306,17 @@ std::string closest_modules(const AdapterFile<T>& file, const std::string& path)
   return out;
 }
 
+/// Throws std::invalid_argument when `layer` was already given for another module (`seen`: the
+/// layers so far): one layer cannot take two modules' adapters.
+inline void require_distinct_layer(std::map<const void*, std::string>& seen, const void* layer,
+                                   const std::string& path) {
+  const auto [it, fresh] = seen.emplace(layer, path);
+  if (!fresh)
+    throw std::invalid_argument("load_adapter: the same layer is given for modules " +
+                                io::quote_for_message(it->second) + " and " +
+                                io::quote_for_message(path));
+}
+
 /// Checks that `file` and `layers` name the same modules with the same shapes.
 template <typename T, typename Layer>
 void match_modules(const AdapterFile<T>& file, const std::map<std::string, Layer*>& layers,
@@ -339,7 +350,8 @@ void match_modules(const AdapterFile<T>& file, const std::map<std::string, Layer
 /// Loads a PEFT adapter directory into LoRALinear layers, one per module path: each layer's
 /// adapter is replaced (rank and scaling as the file says). Nothing is changed unless everything
 /// fits: a module without a layer (the message lists the file's closest module names), a layer
-/// without a module or a shape mismatch throws FormatError, a merged layer std::logic_error.
+/// without a module or a shape mismatch throws FormatError, a merged layer std::logic_error, one
+/// layer given for two modules std::invalid_argument.
 /// Returns the config read.
 template <typename T, typename F>
 AdapterConfig load_adapter(const std::string& dir,
@@ -347,26 +359,57 @@ AdapterConfig load_adapter(const std::string& dir,
                            const ReadOptions& options = {}) {
   AdapterFile<T> file = read_adapter<T>(dir, options);
   detail::match_modules(file, layers, dir);
-  for (const auto& [path, layer] : layers)
+  std::map<const void*, std::string> seen;
+  for (const auto& [path, layer] : layers) {
+    detail::require_distinct_layer(seen, layer, path);
     lora::detail::require_state(!layer->is_merged(), "load_adapter: the layer of \"", path,
                                 "\" is merged; unmerge it first");
-  for (auto& [path, adapter] : file.modules) layers.at(path)->replace_adapter(adapter);
+  }
+  // All or nothing: should a layer still refuse, the earlier ones get their adapters back.
+  std::vector<std::pair<LoRALinear<T, F>*, LoRAAdapter<T>>> done;
+  try {
+    for (auto& [path, adapter] : file.modules) {
+      LoRALinear<T, F>* layer = layers.at(path);
+      LoRAAdapter<T> old = layer->adapter();
+      layer->replace_adapter(adapter);
+      done.emplace_back(layer, std::move(old));
+    }
+  } catch (...) {
+    for (auto it = done.rbegin(); it != done.rend(); ++it) it->first->replace_adapter(it->second);
+    throw;
+  }
   return file.config;
 }
 
 /// Loads a PEFT adapter directory into MultiLoRALinear layers as the adapter named `name` (the
 /// other adapters and the active one are unchanged). All-or-nothing as above; a layer that already
-/// has an adapter `name` throws std::invalid_argument before anything is added.
+/// has an adapter `name`, or one layer given for two modules, throws std::invalid_argument before
+/// anything is added; a layer that refuses the adapter (std::logic_error: a DoRA adapter into a
+/// merged layer) leaves every layer as it was.
 template <typename T, typename F>
 AdapterConfig load_adapter(const std::string& dir,
                            const std::map<std::string, MultiLoRALinear<T, F>*>& layers,
                            const std::string& name, const ReadOptions& options = {}) {
   AdapterFile<T> file = read_adapter<T>(dir, options);
   detail::match_modules(file, layers, dir);
-  for (const auto& [path, layer] : layers)
+  std::map<const void*, std::string> seen;
+  for (const auto& [path, layer] : layers) {
+    detail::require_distinct_layer(seen, layer, path);
     lora::detail::require(!layer->has_adapter(name), "load_adapter: the layer of \"", path,
                           "\" already has an adapter named \"", name, "\"");
-  for (auto& [path, adapter] : file.modules) layers.at(path)->add_adapter(name, std::move(adapter));
+  }
+  // All or nothing: a layer that refuses (a DoRA adapter needs W0's row norms, which a merged
+  // layer no longer holds) has the adapter removed again from the layers before it.
+  std::vector<MultiLoRALinear<T, F>*> done;
+  try {
+    for (auto& [path, adapter] : file.modules) {
+      layers.at(path)->add_adapter(name, std::move(adapter));
+      done.push_back(layers.at(path));
+    }
+  } catch (...) {
+    for (auto it = done.rbegin(); it != done.rend(); ++it) (*it)->remove_adapter(name);
+    throw;
+  }
   return file.config;
 }
 
@@ -529,6 +572,34 @@ inline bool make_directory(const std::string& dir) {
   return false;
 }
 
+/// `path` normalised lexically, as Python's os.path.normpath: "." components and empty ones
+/// ("a//b") dropped, "x/.." removed ("a/p1/../p2" is "a/p2"; "/.." is "/"), no trailing '/'.
+/// The empty path stays empty; one that normalises to nothing is ".".
+inline std::string normalize_path(const std::string& path) {
+  if (path.empty()) return path;
+  const bool absolute = path.front() == '/';
+  std::vector<std::string> parts;
+  std::size_t begin = 0;
+  while (begin <= path.size()) {
+    std::size_t end = path.find('/', begin);
+    if (end == std::string::npos) end = path.size();
+    const std::string part = path.substr(begin, end - begin);
+    if (part == "..") {
+      if (!parts.empty() && parts.back() != "..") {
+        parts.pop_back();
+      } else if (!absolute) {
+        parts.push_back(part);  // above the relative start: kept
+      }
+    } else if (!part.empty() && part != ".") {
+      parts.push_back(part);
+    }
+    begin = end + 1;
+  }
+  std::string out = absolute ? "/" : "";
+  for (std::size_t i = 0; i < parts.size(); ++i) out += (i ? "/" : "") + parts[i];
+  return out.empty() ? "." : out;
+}
+
 /// Creates `dir` and its missing parents (mkdir -p); returns the folders it created, the deepest
 /// last, so that a failed save can remove them again (see remove_directories).
 inline std::vector<std::string> make_directories(const std::string& dir) {
@@ -639,13 +710,17 @@ void require_finite_for_save(const std::string& key, const Eigen::MatrixBase<Der
 /// per adapter). Both files are fully built before either is written, and each is replaced
 /// atomically; a save that fails part-way leaves the directory as it was: the previous pair of
 /// files, or no new file (and no new directory: missing parent folders are created, and removed
-/// again when the save fails). Throws std::invalid_argument (what PEFT cannot express),
+/// again when the save fails; `dir` is normalised lexically first, so "a/p1/../p2" creates only
+/// a/p2). Throws std::invalid_argument (what PEFT cannot express),
 /// std::domain_error (a non-finite weight, or one that `options.dtype` cannot hold) or
 /// io::WriteError. Returns the config written.
 template <typename T>
-AdapterConfig write_adapter(const std::string& dir,
+AdapterConfig write_adapter(const std::string& dir_as_given,
                             const std::map<std::string, const LoRAAdapter<T>*>& adapters,
                             const SaveOptions& options = {}) {
+  // Normalised first, so that only the folders the final path needs are created ("a/p1/../p2"
+  // creates a/p2, never a/p1).
+  const std::string dir = detail::normalize_path(dir_as_given);
   if (adapters.empty()) throw std::invalid_argument("save_adapter: no modules to save");
   for (const auto& [path, a] : adapters) {
     if (a == nullptr)

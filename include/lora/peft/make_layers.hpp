@@ -154,7 +154,11 @@ class LayerRef {
       : LayerRef(static_cast<const LoRALinear<T, F>*>(layer)) {
     if (layer == nullptr) return;
     writable_ = true;
-    ops<T>().put = [layer](LoRAAdapter<T> a, const std::string&) { layer->replace_adapter(a); };
+    ops<T>().put = [layer](LoRAAdapter<T> a, const std::string&) {
+      LoRAAdapter<T> old = layer->adapter();  // to put back if a later layer refuses
+      layer->replace_adapter(a);
+      return std::function<void()>([layer, old] { layer->replace_adapter(old); });
+    };
   }
   /// Refers to `layer` for save_adapter only.
   template <typename T, typename F>
@@ -173,6 +177,7 @@ class LayerRef {
     writable_ = true;
     ops<T>().put = [layer](LoRAAdapter<T> a, const std::string& name) {
       layer->add_adapter(name, std::move(a));
+      return std::function<void()>([layer, name] { layer->remove_adapter(name); });
     };
   }
   /// Refers to `layer` for save_adapter only.
@@ -211,17 +216,19 @@ class LayerRef {
     return *ops<T>().get(name);
   }
   /// LoRALinear::replace_adapter, or MultiLoRALinear::add_adapter(name, a); only for a writable
-  /// layer of scalar T.
+  /// layer of scalar T. Returns what undoes it (puts the old adapter back, or removes the new one).
   template <typename T>
-  void put_adapter(LoRAAdapter<T> a, const std::string& name = {}) const {
-    ops<T>().put(std::move(a), name);
+  std::function<void()> put_adapter(LoRAAdapter<T> a, const std::string& name = {}) const {
+    return ops<T>().put(std::move(a), name);
   }
+  /// The layer's address: two refs to one layer have the same.
+  const void* address() const { return address_; }
 
  private:
   template <typename T>
   struct Ops {
     std::function<const LoRAAdapter<T>*(const std::string&)> get;
-    std::function<void(LoRAAdapter<T>, const std::string&)> put;
+    std::function<std::function<void()>(LoRAAdapter<T>, const std::string&)> put;
     std::function<bool(const std::string&)> has;
   };
 
@@ -232,6 +239,7 @@ class LayerRef {
     out_ = layer.out_features();
     in_ = layer.in_features();
     merged_ = [&layer] { return layer.is_merged(); };
+    address_ = &layer;
   }
   template <typename T>
   Ops<T>& ops() {
@@ -251,6 +259,7 @@ class LayerRef {
   int scalar_ = 0;  // 0: null, 1: float, 2: double
   bool multi_ = false, writable_ = false;
   Eigen::Index out_ = 0, in_ = 0;
+  const void* address_ = nullptr;
   std::function<bool()> merged_;
   Ops<float> float_;
   Ops<double> double_;
@@ -295,7 +304,11 @@ AdapterConfig load_refs(const std::string& dir, const LayerRefs& layers, const s
                                   io::quote_for_message(path) + " is const");
   AdapterFile<T> file = read_adapter<T>(dir, options);
   std::map<std::string, const LayerRef*> pointers;
-  for (const auto& [path, ref] : layers) pointers.emplace(path, &ref);
+  std::map<const void*, std::string> seen;
+  for (const auto& [path, ref] : layers) {
+    pointers.emplace(path, &ref);
+    require_distinct_layer(seen, ref.address(), path);
+  }
   match_modules(file, pointers, dir);
   for (const auto& [path, ref] : layers) {
     if (ref.is_multi())
@@ -305,8 +318,16 @@ AdapterConfig load_refs(const std::string& dir, const LayerRefs& layers, const s
       lora::detail::require_state(!ref.is_merged(), "load_adapter: the layer of \"", path,
                                   "\" is merged; unmerge it first");
   }
-  for (auto& [path, adapter] : file.modules)
-    layers.at(path).template put_adapter<T>(std::move(adapter), name);
+  // All or nothing: a layer that refuses (a DoRA adapter needing W0's row norms from a merged
+  // layer, ...) undoes what the earlier layers took.
+  std::vector<std::function<void()>> undo;
+  try {
+    for (auto& [path, adapter] : file.modules)
+      undo.push_back(layers.at(path).template put_adapter<T>(std::move(adapter), name));
+  } catch (...) {
+    for (auto it = undo.rbegin(); it != undo.rend(); ++it) (*it)();
+    throw;
+  }
   return file.config;
 }
 
