@@ -391,13 +391,14 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
 
   /// acc[j] = row i of dequant(W0) . x_j, block by block through a small buffer (any type).
   void dot_rows(Index i, const float* x, Index n, float* acc) const {
-    const Index unit = column_alignment();
+    // 256 values per call (8 blocks of Q8_0): the per-call cost of the dequantizer is amortised.
+    const Index bs = io::ggml_type_traits(type_).block_size;
+    const Index unit = kMaxAlignment / bs * bs;
     float w[kMaxAlignment];
     for (Index j = 0; j < n; ++j) acc[j] = 0.0f;
     for (Index c = 0; c < row_values_; c += unit) {
       const Index m = std::min(unit, row_values_ - c);
-      io::ggml::dequantize(type_, block_at(i, c / io::ggml_type_traits(type_).block_size), w,
-                           std::size_t(m));
+      io::ggml::dequantize(type_, block_at(i, c / bs), w, std::size_t(m));
       const Eigen::Map<const Eigen::VectorXf> wv(w, m);
       for (Index j = 0; j < n; ++j)
         acc[j] += wv.dot(Eigen::Map<const Eigen::VectorXf>(x + j * row_values_ + c, m));
