@@ -18,10 +18,15 @@
 // product; ...RowMajor the same with W^T in a plain row-major layout (no reorder).
 // "OneDnnStrided" = the fp32 oneDNN storage with onednn::WeightLayout::Strided ("OneDnn" is
 // prepacked, the default).
+// "GgmlQ4K", "GgmlQ8_0" = llama.cpp's Q4_K and Q8_0 blocks as the frozen base (GgmlFrozenWeight,
+// quantized by llama.cpp's own quantizer; bf16 panels into oneDNN when present, else fp32 panels;
+// batches of at most 8 columns through the fused decoding kernel), with the extra counter
+//   panel_bytes      the per-thread panel buffer a product holds beside w0_bytes
 #include "alloc_counter.hpp"
 
 #include <lora/bf16_frozen_weight.hpp>
 #include <lora/core.hpp>
+#include <lora/ggml_frozen_weight.hpp>
 #include <lora/nf4_frozen_weight.hpp>
 #if defined(LORA_WITH_ONEDNN)
 #include <lora/onednn/onednn_frozen_weight.hpp>
@@ -141,6 +146,8 @@ void report_w0_bytes(benchmark::State& state, const Frozen& frozen) {
     bytes = static_cast<double>(frozen.out_features() * frozen.in_features()) * double(element);
   }
   state.counters["w0_bytes"] = bytes;
+  if constexpr (std::is_base_of_v<lora::GgmlFrozenWeight, Frozen>)
+    state.counters["panel_bytes"] = static_cast<double>(frozen.panel_bytes());
 }
 
 // ---- the families -------------------------------------------------------------------------------
@@ -292,6 +299,14 @@ struct Bf16StridedFrozenWeight : lora::Bf16FrozenWeight {
                                lora::Bf16WeightLayout::Strided) {}
 };
 
+/// llama.cpp's block formats as the frozen base, quantized by llama.cpp's own quantizer.
+template <lora::io::GgmlType Type>
+struct GgmlFrozen : lora::GgmlFrozenWeight {
+  explicit GgmlFrozen(const Matrix& W0) : lora::GgmlFrozenWeight(quantize(W0, Type)) {}
+};
+using GgmlQ4K = GgmlFrozen<lora::io::GgmlType::Q4_K>;
+using GgmlQ8_0 = GgmlFrozen<lora::io::GgmlType::Q8_0>;
+
 #if defined(LORA_WITH_ONEDNN)
 /// The fp32 oneDNN storage reading its weight through strides (onednn::WeightLayout::Strided),
 /// for comparison with the default (prepacked).
@@ -410,12 +425,20 @@ int main(int argc, char** argv) {
   }
 #endif
   add_families<lora::Nf4FrozenWeight>("Nf4", true);
+  add("BM_DenseForwardGgmlQ4K", dense_forward<GgmlQ4K>);
+  add("BM_LoRAForwardGgmlQ4K", lora_forward<GgmlQ4K>);
+  add("BM_TrainStepGgmlQ4K", train_step<GgmlQ4K>);
+  add("BM_DenseForwardGgmlQ8_0", dense_forward<GgmlQ8_0>);
+  add("BM_TrainStepGgmlQ8_0", train_step<GgmlQ8_0>);
 
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("lora_eigen_threads", std::to_string(Eigen::nbThreads()));
   benchmark::AddCustomContext("lora_bf16_backend", lora::Bf16FrozenWeight::backend_report());
   benchmark::AddCustomContext("lora_nf4_backend", lora::Nf4FrozenWeight::backend_report());
+  benchmark::AddCustomContext("lora_ggml_backend", lora::GgmlFrozenWeight::backend_report());
+  benchmark::AddCustomContext("lora_ggml_fused_avx512",
+                              lora::GgmlFrozenWeight::fused_avx512() ? "yes" : "no");
   benchmark::RunSpecifiedBenchmarks();
   // What the products ran on (oneDNN's implementations, e.g. whether AMX was used): known only
   // once they have run, so printed after them, to stderr.

@@ -19,6 +19,7 @@
 
 #include <lora/bf16_frozen_weight.hpp>
 #include <lora/core.hpp>
+#include <lora/ggml_frozen_weight.hpp>
 #include <lora/nf4_frozen_weight.hpp>
 #include <lora/optim.hpp>
 
@@ -51,7 +52,7 @@ double seconds_since(Clock::time_point t0) {
 
 struct Settings {
   bool quick = false;
-  std::string base = "fp32";  // frozen storage of the LoRA models: fp32, bf16 or nf4
+  std::string base = "fp32";  // frozen storage of the LoRA models: fp32, bf16, nf4 or q4_k
   std::string data = DIGITS_DATA_FILE;
   std::string out = ".";
   int batch = 32;
@@ -151,8 +152,8 @@ Settings parse(int argc, char** argv) {
     const std::string a = argv[i];
     if (a == "--base" && i + 1 < argc) {
       s.base = argv[++i];
-      if (s.base != "fp32" && s.base != "bf16" && s.base != "nf4") {
-        std::fprintf(stderr, "--base must be fp32, bf16 or nf4, got %s\n", s.base.c_str());
+      if (s.base != "fp32" && s.base != "bf16" && s.base != "nf4" && s.base != "q4_k") {
+        std::fprintf(stderr, "--base must be fp32, bf16, nf4 or q4_k, got %s\n", s.base.c_str());
         std::exit(2);
       }
     } else if (a == "--quick") {
@@ -178,7 +179,7 @@ Settings parse(int argc, char** argv) {
     } else {
       std::fprintf(
           stderr,
-          "usage: %s [--quick] [--base fp32|bf16|nf4] [--validate] [--epochs N] [--lora-lr X] "
+          "usage: %s [--quick] [--base fp32|bf16|nf4|q4_k] [--validate] [--epochs N] [--lora-lr X] "
           "[--full-lr X] [--dropout P] [--data PATH] [--out DIR]\n",
           argv[0]);
       std::exit(2);
@@ -186,6 +187,15 @@ Settings parse(int argc, char** argv) {
   }
   return s;
 }
+
+/// llama.cpp's Q4_K as the frozen base, quantized by llama.cpp's own quantizer. The layers have 64
+/// and 128 input features, less than Q4_K's super-block of 256: each row is padded exactly with
+/// zeros to 256 values (llama-quantize would fall back to Q5_0 for such tensors instead, and the
+/// demo would then hold no Q4_K at all); the padding is counted in W0's bytes.
+struct Q4KFrozenWeight : lora::GgmlFrozenWeight {
+  explicit Q4KFrozenWeight(const Eigen::MatrixXf& W0)
+      : lora::GgmlFrozenWeight(quantize(W0, lora::io::GgmlType::Q4_K)) {}
+};
 
 /// Bytes the LoRA model's frozen storages hold for W0 (all layers): stored_bytes() where the
 /// storage reports it, else d * k * element size.
@@ -470,6 +480,11 @@ int main(int argc, char** argv) {
       std::printf("LoRA models on an NF4 frozen base (%s)\n",
                   lora::Nf4FrozenWeight::backend_report().c_str());
       return run<lora::Nf4FrozenWeight>(s);
+    }
+    if (s.base == "q4_k") {
+      std::printf("LoRA models on a Q4_K frozen base (llama.cpp's blocks, rows padded to 256; %s)\n",
+                  lora::GgmlFrozenWeight::backend_report().c_str());
+      return run<Q4KFrozenWeight>(s);
     }
     if (s.base == "bf16") {
       std::printf("LoRA models on a bf16 frozen base (%s)\n",

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -100,6 +101,35 @@ template <typename T, lora::DenseKernel Kernel, lora::MergeMode Mode>
 struct DenseBlas : Dense<T, Mode> {
   using Frozen = lora::DenseFrozenWeight<T>;
   static Frozen make(const MatrixXd& W0) { return Frozen(W0.cast<T>(), Mode, Kernel); }
+};
+
+/// llama.cpp's block formats: one configuration whose block type is chosen at run time, from the
+/// environment variable LORA_TEST_GGML_TYPE (q8_0, q4_0, q4_K, the default, or q6_K): ctest runs
+/// the battery's Ggml cases once per type (tests/CMakeLists.txt) from one compiled configuration.
+/// W0 (k = 5) is quantized by llama.cpp's quantizer, its rows padded with zeros to a whole block.
+struct Ggml {
+  using Frozen = lora::GgmlFrozenWeight;
+  static lora::io::GgmlType type() {
+    const char* env = std::getenv("LORA_TEST_GGML_TYPE");
+    const std::string name = env ? env : "q4_K";
+    for (auto t : {lora::io::GgmlType::Q8_0, lora::io::GgmlType::Q4_0, lora::io::GgmlType::Q4_K,
+                   lora::io::GgmlType::Q6_K})
+      if (name == lora::io::ggml_type_traits(t).name) return t;
+    throw std::invalid_argument("LORA_TEST_GGML_TYPE must be q8_0, q4_0, q4_K or q6_K, got " +
+                                name);
+  }
+  static Frozen make(const MatrixXd& W0) {
+    return Frozen::quantize(W0.cast<float>(), type(), lora::MergeMode::ExactRestore,
+                            lora::GgmlBackend::Portable);
+  }
+  static bool available() { return true; }
+  static constexpr lora::MergeMode kMode = lora::MergeMode::ExactRestore;  // the only one
+  static constexpr bool kExactProducts = true;  // fp32 products on the dequantized weight
+  static constexpr double kProductTol = 2e-5;
+  static constexpr double kUnit = std::numeric_limits<float>::epsilon() / 2;  // merges in fp32
+  // Against the original W0 (PEFT's numbers): 4-bit levels of the block's range.
+  static constexpr double kRepresentationTol = 0.2;
+  static constexpr double kHuge = 6e4;  // within fp16 block scales
 };
 
 #if defined(LORA_WITH_ONEDNN)
@@ -191,7 +221,7 @@ using Storages = ::testing::Types<
     Multi<Bf16<MergeMode::ExactRestore, Bf16Backend::Portable>>,
     Single<Bf16<MergeMode::InPlace, Bf16Backend::Portable>>,
     Multi<Bf16<MergeMode::InPlace, Bf16Backend::Portable>>, Single<Nf4<lora::Nf4Backend::Portable>>,
-    Multi<Nf4<lora::Nf4Backend::Portable>>
+    Multi<Nf4<lora::Nf4Backend::Portable>>, Single<Ggml>, Multi<Ggml>
 #if defined(LORA_WITH_ONEDNN)
     ,
     Single<Nf4<lora::Nf4Backend::OneDnn>>, Multi<Nf4<lora::Nf4Backend::OneDnn>>,
@@ -213,6 +243,7 @@ struct Names {
     if constexpr (std::is_same_v<Frozen, lora::DenseFrozenWeight<double>>) storage = "DenseDouble";
     if constexpr (std::is_same_v<Frozen, lora::Bf16FrozenWeight>) storage = "Bf16";
     if constexpr (std::is_same_v<Frozen, lora::Nf4FrozenWeight>) storage = "Nf4";
+    if constexpr (std::is_same_v<Frozen, lora::GgmlFrozenWeight>) storage = "Ggml";
 #if defined(LORA_WITH_ONEDNN)
     if constexpr (std::is_same_v<Frozen, lora::onednn::OneDnnFrozenWeight>) storage = "OneDnnF32";
 #endif
@@ -675,8 +706,9 @@ TYPED_TEST(Conformance, AnOverflowingMergeIsRefusedAndLeavesTheWeightUntouched) 
   auto& a = TypeParam::adapter(layer);
   a.A().setZero();
   a.B().setZero();
-  a.A()(0, 3) = T(C::kHuge / 2);
-  a.B()(2, 0) = T(1);  // W(2, 3) = 1.35 x max: finite W0, infinite merged weight
+  // W(2, 3) = kHuge + 2 * max(kHuge / 2, 0.75 max) > max: finite W0, infinite merged weight.
+  a.A()(0, 3) = T(std::max(C::kHuge / 2, 0.75 * double(std::numeric_limits<T>::max())));
+  a.B()(2, 0) = T(2);
   const Mat before = layer.weight();
   EXPECT_THROW(layer.merge(), std::domain_error);
   EXPECT_FALSE(layer.is_merged());

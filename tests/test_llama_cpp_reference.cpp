@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "ggml-backend.h"
@@ -82,6 +83,108 @@ TEST(LlamaCppReference, Q8_0IsGgmlsBitForBit) {
       ->to_float(theirs.data(), y_theirs.data(), static_cast<std::int64_t>(n));
   lora::io::ggml::dequantize_q8_0(theirs.data(), y_ours.data(), n);
   EXPECT_EQ(0, std::memcmp(y_ours.data(), y_theirs.data(), n * sizeof(float)));
+}
+
+// ---- every supported block type, against ggml's own quantizers and dequantizers ---------------
+
+/// Random weights, then adversarial blocks of 256 (a whole super-block, so each k-quant block sees
+/// the case alone): zeros, all equal (both signs), one outlier among small values, exact halves,
+/// tiny (fp16 scales underflow), huge (near fp16's limit), and a super-block mixing huge and tiny
+/// sub-blocks.
+std::vector<float> adversarial_weights() {
+  std::vector<float> x;
+  std::uint32_t state = 2024;
+  auto uniform = [&state] {
+    state = state * 1664525u + 1013904223u;
+    return static_cast<float>(state >> 8) / 16777216.0f * 2.0f - 1.0f;
+  };
+  for (int i = 0; i < 256 * 24; ++i) x.push_back(uniform() * 0.05f);
+  for (int i = 0; i < 256 * 4; ++i) x.push_back(uniform() * 3.0f + 0.5f);
+  auto block = [&](auto f) {
+    for (int i = 0; i < 256; ++i) x.push_back(f(i));
+  };
+  block([](int) { return 0.0f; });
+  block([](int) { return -0.75f; });
+  block([](int) { return 0.3f; });
+  block([&](int i) { return i == 77 ? 1e4f : 1e-3f * uniform(); });
+  block([&](int i) { return i == 3 ? -50.0f : uniform(); });
+  block([](int i) { return static_cast<float>(i % 16) - 7.5f; });
+  block([&](int) { return 1e-30f * uniform(); });
+  block([&](int) { return 1e-6f * uniform(); });
+  block([&](int) { return 6e4f * uniform(); });
+  block([&](int i) { return (i / 32) % 2 ? 3e3f * uniform() : 1e-5f * uniform(); });
+  block([&](int i) { return i % 32 == 0 ? 0.0f : uniform() + 2.0f; });  // positive: min > 0
+  block([&](int i) { return i < 128 ? 0.0f : -uniform() * uniform(); });
+  return x;
+}
+
+const ggml_type kBlockTypes[] = {GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q5_0,
+                                 GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K};
+
+TEST(LlamaCppReference, BlocksFromGgmlsQuantizerDequantizeBitForBit) {
+  const std::vector<float> x = adversarial_weights();
+  const auto n = static_cast<std::int64_t>(x.size());
+  for (ggml_type type : kBlockTypes) {
+    SCOPED_TRACE(ggml_type_name(type));
+    const auto ours_type = static_cast<lora::io::GgmlType>(type);
+    ASSERT_TRUE(lora::io::ggml::can_dequantize(ours_type));
+    std::vector<std::uint8_t> blocks(ggml_row_size(type, n));
+    ggml_quantize_chunk(type, x.data(), blocks.data(), 0, 1, n, nullptr);
+    std::vector<float> theirs(x.size()), ours(x.size());
+    ggml_get_type_traits(type)->to_float(blocks.data(), theirs.data(), n);
+    lora::io::ggml::dequantize(ours_type, blocks.data(), ours.data(), x.size());
+    for (std::size_t i = 0; i < x.size(); ++i)
+      ASSERT_EQ(0, std::memcmp(&ours[i], &theirs[i], sizeof(float)))
+          << "element " << i << ": " << ours[i] << " vs ggml's " << theirs[i];
+  }
+}
+
+TEST(LlamaCppReference, AnyBlockBytesDequantizeBitForBit) {
+  // Blocks of random bytes (every scale, level and sign pattern, fp16 infinities and NaN in the
+  // scales included): the dequantizers are ggml's on blocks no quantizer would write too.
+  std::uint32_t state = 99;
+  for (ggml_type type : kBlockTypes) {
+    SCOPED_TRACE(ggml_type_name(type));
+    const std::int64_t n = 256 * 64;
+    std::vector<std::uint8_t> blocks(ggml_row_size(type, n));
+    for (auto& byte : blocks) {
+      state = state * 1664525u + 1013904223u;
+      byte = static_cast<std::uint8_t>(state >> 24);
+    }
+    std::vector<float> theirs(static_cast<std::size_t>(n)), ours(theirs.size());
+    ggml_get_type_traits(type)->to_float(blocks.data(), theirs.data(), n);
+    lora::io::ggml::dequantize(static_cast<lora::io::GgmlType>(type), blocks.data(), ours.data(),
+                               ours.size());
+    for (std::size_t i = 0; i < ours.size(); ++i) {
+      if (std::isnan(theirs[i])) {
+        EXPECT_TRUE(std::isnan(ours[i])) << i;
+        continue;
+      }
+      ASSERT_EQ(0, std::memcmp(&ours[i], &theirs[i], sizeof(float)))
+          << "element " << i << ": " << ours[i] << " vs ggml's " << theirs[i];
+    }
+  }
+}
+
+TEST(LlamaCppReference, QuantizersWriteGgmlsBytes) {
+  // lora's quantizers against ggml_quantize_chunk without an importance matrix (what
+  // llama-quantize runs then): the same bytes, block for block.
+  const std::vector<float> x = adversarial_weights();
+  const auto n = static_cast<std::int64_t>(x.size());
+  for (ggml_type type : {GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K,
+                         GGML_TYPE_F16, GGML_TYPE_BF16}) {
+    SCOPED_TRACE(ggml_type_name(type));
+    const auto ours_type = static_cast<lora::io::GgmlType>(type);
+    ASSERT_TRUE(lora::io::ggml::can_quantize(ours_type));
+    std::vector<std::uint8_t> theirs(ggml_row_size(type, n)), ours(theirs.size());
+    ggml_quantize_chunk(type, x.data(), theirs.data(), 0, 1, n, nullptr);
+    lora::io::ggml::quantize(ours_type, x.data(), ours.data(), x.size());
+    const std::size_t block_bytes = ggml_type_size(type);
+    for (std::size_t b = 0; b < ours.size() / block_bytes; ++b)
+      ASSERT_EQ(0, std::memcmp(ours.data() + b * block_bytes, theirs.data() + b * block_bytes,
+                               block_bytes))
+          << "block " << b << " of " << ours.size() / block_bytes;
+  }
 }
 
 }  // namespace test_llama_cpp_reference

@@ -6,5 +6,6 @@
 
 #include "lora/bf16_frozen_weight.hpp"
 #include "lora/core.hpp"
+#include "lora/ggml_frozen_weight.hpp"
 #include "lora/nf4_frozen_weight.hpp"
 #include "lora/peft.hpp"
