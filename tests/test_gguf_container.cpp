@@ -7,10 +7,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
 
+#include "../fuzz/gguf_harness.hpp"
 #include "ggml.h"
 #include "gguf.h"
 #include "gguf_test_files.hpp"
@@ -323,4 +325,46 @@ TEST(GgufContainer, HandsOutRawBlocksOfTypesItCannotConvert) {
   }
 }
 
+// The fuzz target's inputs (fuzz/make_gguf_inputs.py), through the fuzz target's own harness: every
+// seed is accepted (and survives the writer round trip and the file comparison), every hostile
+// file is refused with a FormatError. Under ASan/UBSan this is the fuzzer's check without
+// libFuzzer.
+namespace test_gguf_fuzz_inputs {
+
+std::vector<std::filesystem::path> files_in(const std::filesystem::path& dir) {
+  std::vector<std::filesystem::path> out;
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    if (e.is_regular_file() && e.path().extension() == ".gguf") out.push_back(e.path());
+  return out;
+}
+
+TEST(GgufFuzzInputs, EverySeedIsAccepted) {
+  const auto seeds = files_in(std::filesystem::path(LORA_FUZZ_DIR) / "seeds" / "gguf");
+  ASSERT_GE(seeds.size(), 4u);
+  for (const auto& f : seeds) {
+    SCOPED_TRACE(f.string());
+    const auto bytes = gguf_test::read_bytes(f.string());
+    EXPECT_NO_THROW(lora::fuzz::exercise_gguf(bytes.data(), bytes.size(),
+                                              gguf_test::tmp_path("fuzz_scratch.gguf")));
+  }
+}
+
+TEST(GgufFuzzInputs, EveryRegressionIsAFormatError) {
+  // Files named accepted-* were found by the fuzzer and are valid files (the bug was in lora):
+  // they must be accepted; every other one is a hostile class that must be refused.
+  const auto files = files_in(std::filesystem::path(LORA_FUZZ_DIR) / "regressions" / "gguf");
+  ASSERT_GE(files.size(), 25u);
+  for (const auto& f : files) {
+    SCOPED_TRACE(f.string());
+    const auto bytes = gguf_test::read_bytes(f.string());
+    const std::string scratch = gguf_test::tmp_path("fuzz_scratch.gguf");
+    if (f.filename().string().rfind("accepted-", 0) == 0) {
+      EXPECT_NO_THROW(lora::fuzz::exercise_gguf(bytes.data(), bytes.size(), scratch));
+    } else {
+      EXPECT_THROW(lora::fuzz::exercise_gguf(bytes.data(), bytes.size(), scratch), FormatError);
+    }
+  }
+}
+
+}  // namespace test_gguf_fuzz_inputs
 }  // namespace test_gguf_container

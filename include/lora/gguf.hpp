@@ -6,6 +6,7 @@
 #include "lora/core.hpp"
 #include "lora/gguf/adapter_io.hpp"
 #include "lora/gguf/base_weights.hpp"
+#include "lora/gguf/peft_convert.hpp"
 #include "lora/io/gguf.hpp"
 #include "lora/io/gguf_value.hpp"
 #include "lora/io/gguf_writer.hpp"

@@ -176,7 +176,10 @@ AdapterFile<T> parse_adapter(const io::GgufFile& file, const ReadOptions& option
     }
   }
   if (pairs.empty()) throw fail("it holds no LoRA tensors");
-  for (const auto& [module, ab] : pairs) {
+  for (const auto& entry : pairs) {
+    // Named copies, not structured bindings: lambdas cannot capture those before C++20.
+    const std::string& module = entry.first;
+    const auto& ab = entry.second;
     auto mfail = [&](const std::string& what) {
       return fail("module " + detail::quoted(module) + ": " + what);
     };
@@ -285,7 +288,9 @@ io::GgufWriter adapter_writer(const std::map<std::string, const LoRAAdapter<T>*>
       type != io::GgmlType::Q8_0)
     throw fail(std::string("adapters are written as f32, f16, bf16 or q8_0, not ") +
                io::ggml_type_traits(type).name);
-  for (const auto& [module, a] : adapters) {
+  for (const auto& entry : adapters) {
+    const std::string& module = entry.first;
+    const LoRAAdapter<T>* a = entry.second;
     auto mfail = [&](const std::string& what) {
       return fail("module " + detail::quoted(module) + ": " + what);
     };

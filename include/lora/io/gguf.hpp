@@ -60,10 +60,14 @@ struct GgufTensorInfo {
   std::uint64_t offset = 0;       ///< first byte, from the start of the data section
   std::size_t bytes = 0;          ///< the tensor's bytes (without the padding after it)
 
-  /// The number of elements (the product of ne; 1 for n_dims 0).
+  /// The number of elements (the product of ne; 1 for n_dims 0). A shape with a zero dimension
+  /// has none, however large the others are (e.g. [2^36, 2^61, 0]: found by fuzzing); otherwise
+  /// the product was checked against overflow when the file was read.
   std::int64_t numel() const {
+    for (auto d : ne)
+      if (d == 0) return 0;
     std::int64_t n = 1;
-    for (auto d : ne) n *= d;  // checked against overflow when the file was read
+    for (auto d : ne) n *= d;
     return n;
   }
   /// ne[i], or 1 past n_dims (as ggml pads shapes to 4 dimensions).
@@ -148,7 +152,7 @@ inline bool gguf_valid_value_type(std::int32_t t) {
 inline bool ggml_to_float(GgmlType type, const std::uint8_t* p, float* out, std::size_t n) {
   switch (type) {
     case GgmlType::F32:
-      std::memcpy(out, p, n * sizeof(float));
+      if (n > 0) std::memcpy(out, p, n * sizeof(float));  // out is null for an empty tensor
       return true;
     case GgmlType::F16:
       for (std::size_t i = 0; i < n; ++i) {

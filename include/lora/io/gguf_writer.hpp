@@ -231,10 +231,18 @@ class GgufWriter {
                                   " dimensions, ggml allows 4");
     const GgmlTypeTraits& traits = ggml_type_traits(type);
     std::uint64_t numel = 1;
+    bool empty = false;  // a zero dimension anywhere: no elements, however large the others
     for (auto d : ne) {
       if (d < 0) throw std::invalid_argument(where + " has a negative dimension: " + ne_string(ne));
-      if (d != 0 && numel > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) /
-                                static_cast<std::uint64_t>(d))
+      if (d == 0) empty = true;
+    }
+    for (auto d : ne) {
+      if (empty) {
+        numel = 0;
+        break;
+      }
+      if (numel > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) /
+                      static_cast<std::uint64_t>(d))
         throw std::invalid_argument(where + "'s shape " + ne_string(ne) + " overflows");
       numel *= static_cast<std::uint64_t>(d);
     }
