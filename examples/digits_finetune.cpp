@@ -11,8 +11,13 @@
 //   5. demo_summary.json (and demo_curves.dat) in --out DIR (default: the working folder;
 //      scripts/demo passes build/demo).
 //
-// Usage: digits_finetune [--quick] [--data PATH] [--out DIR]
+// Usage: digits_finetune [--quick] [--base fp32|bf16|nf4] [--init NAME] [--ranks 1,2,...]
+//                        [--data PATH] [--out DIR]
 //   --quick  fewer epochs and ranks: the small-scale check that ctest runs.
+//   --init   how the adapters start, by PEFT's name: kaiming (PEFT's true, the default),
+//            gaussian, pissa, pissa_niter_N, olora, loftq (with --base nf4), orthogonal. PiSSA,
+//            OLoRA and LoftQ change the frozen base to a residual (docs/inits.md); DoRA runs are
+//            skipped with them.
 // Exit status 1 when one of the demo's claims does not hold (see "checks" at the end).
 #include "digits/dataset.hpp"
 #include "digits/mlp.hpp"
@@ -31,6 +36,7 @@
 #include <cstring>
 #include <fstream>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -65,6 +71,11 @@ struct Settings {
   double full_lr = 1e-2;
   double lora_dropout = 0.0;
   bool validate = false;  // tuning: hold 20% of the training set out and report on it, not on test
+  // How the LoRA adapters start (--init): PEFT's names. PiSSA, OLoRA and LoftQ factor the fp32 W0
+  // and leave the residual in the frozen storage (no DoRA runs then: they exclude each other).
+  std::string init = "kaiming";
+  lora::Init init_kind = lora::Init::KaimingUniform;
+  int svd_iterations = 0;
 };
 
 struct EpochStats {
@@ -156,6 +167,22 @@ Settings parse(int argc, char** argv) {
         std::fprintf(stderr, "--base must be fp32, bf16, nf4 or q4_k, got %s\n", s.base.c_str());
         std::exit(2);
       }
+    } else if (a == "--init" && i + 1 < argc) {
+      s.init = argv[++i];
+      const bool known =
+          s.init == "kaiming" || lora::init_from_peft_name(s.init, s.init_kind, s.svd_iterations);
+      if (!known || s.init == "false") {
+        std::fprintf(stderr,
+                     "--init must be kaiming (PEFT's true), gaussian, pissa, pissa_niter_N, olora, "
+                     "loftq or orthogonal, got %s\n",
+                     s.init.c_str());
+        std::exit(2);
+      }
+      if (s.init == "true") s.init = "kaiming";
+    } else if (a == "--ranks" && i + 1 < argc) {
+      s.ranks.clear();
+      std::stringstream list(argv[++i]);
+      for (std::string r; std::getline(list, r, ',');) s.ranks.push_back(std::stoi(r));
     } else if (a == "--quick") {
       s.quick = true;
       s.upstream_epochs = 12;
@@ -179,8 +206,9 @@ Settings parse(int argc, char** argv) {
     } else {
       std::fprintf(
           stderr,
-          "usage: %s [--quick] [--base fp32|bf16|nf4|q4_k] [--validate] [--epochs N] [--lora-lr X] "
-          "[--full-lr X] [--dropout P] [--data PATH] [--out DIR]\n",
+          "usage: %s [--quick] [--base fp32|bf16|nf4|q4_k] [--init NAME] [--ranks 1,2,...] "
+          "[--validate] [--epochs N] [--lora-lr X] [--full-lr X] [--dropout P] [--data PATH] "
+          "[--out DIR]\n",
           argv[0]);
       std::exit(2);
     }
@@ -258,7 +286,8 @@ int run(const Settings& s) {
   std::size_t best = 0;
   for (int r : s.ranks) {
     std::printf("\n[2] downstream: LoRA r = %d on every layer (base frozen)\n", r);
-    auto model = digits::make_lora_mlp<Frozen>(base, r, 100 + std::uint64_t(r), s.lora_dropout);
+    auto model = digits::make_lora_mlp<Frozen>(base, r, 100 + std::uint64_t(r), s.lora_dropout,
+                                               /*dora=*/false, s.init_kind, s.svd_iterations);
     Run run;
     run.name = "LoRA r=" + std::to_string(r);
     run.rank = r;
@@ -279,7 +308,9 @@ int run(const Settings& s) {
       best_model = std::move(model);
     }
 
-    // DoRA at the same rank, from the same seeds: d more trainable numbers per layer.
+    // DoRA at the same rank, from the same seeds: d more trainable numbers per layer. (Not with
+    // PiSSA, OLoRA or LoftQ, which change the base DoRA normalises by.)
+    if (lora::changes_base(s.init_kind)) continue;
     std::printf("\n[2] downstream: DoRA r = %d on every layer (base frozen)\n", r);
     auto dora = digits::make_lora_mlp<Frozen>(base, r, 100 + std::uint64_t(r), s.lora_dropout,
                                               /*dora=*/true);
@@ -380,8 +411,11 @@ int run(const Settings& s) {
   for (const auto& r : runs)
     if (r.rank == 8 && !r.dora) r8 = &r;
   bool all_exact = true;
+  // With PiSSA, OLoRA or LoftQ the adapter is part of the base's value: disabling it leaves the
+  // residual, not the base, so this check does not apply.
   for (const auto& r : runs)
-    all_exact = all_exact && r.upstream_exact && r.upstream_acc == upstream_before;
+    all_exact = all_exact && (lora::changes_base(s.init_kind) ||
+                              (r.upstream_exact && r.upstream_acc == upstream_before));
   struct Check {
     std::string what;
     bool ok;
@@ -419,11 +453,17 @@ int run(const Settings& s) {
   j["model"] = {{"layers", {64, 128, 128, 10}}, {"parameters", full_count}};
   j["quick"] = s.quick;
   j["lora_frozen_base"] = s.base;
+  j["lora_init"] = s.init;
   j["frozen_w0_bytes"] = frozen_bytes;
   j["upstream"] = {{"test_accuracy_before", upstream_before},
                    {"rotated_test_accuracy_before", base_on_rotated},
                    {"train_seconds", up_seconds},
                    {"epochs", s.upstream_epochs}};
+  auto test_curve = [](const Run& r) {
+    std::vector<double> acc;
+    for (const auto& e : r.curve) acc.push_back(e.test_acc);
+    return acc;
+  };
   for (const auto& r : runs)
     j[r.dora ? "dora" : "lora"].push_back(
         {{"rank", r.rank},
@@ -434,7 +474,8 @@ int run(const Settings& s) {
          {"upstream_accuracy_adapter_disabled", r.upstream_acc},
          {"upstream_logits_bit_identical", r.upstream_exact},
          {"train_seconds", r.seconds},
-         {"epochs", s.lora_epochs}});
+         {"epochs", s.lora_epochs},
+         {"test_accuracy_per_epoch", test_curve(r)}});
   j["full_finetune"] = {{"trainable_parameters", full_run.trainable},
                         {"downstream_accuracy", full_run.downstream_acc},
                         {"upstream_accuracy_after", full_run.upstream_acc},

@@ -239,11 +239,15 @@ inline Mlp<DenseLinear<float>> make_base_mlp(std::uint64_t seed = 7) {
 }
 
 /// `base` with every layer frozen (W0 and b copied in) under a LoRA adapter of rank min(r, d, k):
-/// alpha = 2 r (s = 2 at every rank), Kaiming-uniform A, layer i seeded with first_seed + i.
+/// alpha = 2 r (s = 2 at every rank), A initialised as `init` says (Kaiming-uniform by default;
+/// PiSSA, OLoRA and LoftQ factor the fp32 W0 and leave the residual in the storage), layer i
+/// seeded with first_seed + i.
 template <typename Frozen = lora::DenseFrozenWeight<float>>
 Mlp<lora::LoRALinear<float, Frozen>> make_lora_mlp(const Mlp<DenseLinear<float>>& base, int r,
                                                    std::uint64_t first_seed, double dropout = 0,
-                                                   bool dora = false) {
+                                                   bool dora = false,
+                                                   lora::Init init = lora::Init::KaimingUniform,
+                                                   int svd_iterations = 0) {
   std::vector<lora::LoRALinear<float, Frozen>> layers;
   layers.reserve(base.layers().size());
   std::uint64_t seed = first_seed;
@@ -251,12 +255,16 @@ Mlp<lora::LoRALinear<float, Frozen>> make_lora_mlp(const Mlp<DenseLinear<float>>
     lora::LoRAConfig cfg;
     cfg.rank = int(std::min<Eigen::Index>({r, l.out_features(), l.in_features()}));
     cfg.alpha = 2.0 * cfg.rank;
-    cfg.init = lora::Init::KaimingUniform;
+    cfg.init = init;
+    cfg.svd_iterations = svd_iterations;  // PiSSA: 0 exact SVD, N randomized (pissa_niter_N)
     cfg.dropout = dropout;
     cfg.use_dora = dora;  // DoRA: a learned magnitude per output beside A and B
     cfg.seed = seed++;
     // The storage built with its own default merge mode (the NF4 base supports only one).
-    layers.emplace_back(Frozen(l.weight()), l.bias(), cfg);
+    if (lora::changes_base(init))
+      layers.emplace_back(Frozen(l.weight()), l.bias(), cfg, l.weight());
+    else
+      layers.emplace_back(Frozen(l.weight()), l.bias(), cfg);
   }
   return Mlp<lora::LoRALinear<float, Frozen>>(std::move(layers));
 }

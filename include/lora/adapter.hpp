@@ -18,6 +18,7 @@
 #include "lora/detail/finite.hpp"
 #include "lora/detail/gemm.hpp"
 #include "lora/detail/low_rank.hpp"
+#include "lora/init.hpp"
 #include "lora/parameter.hpp"
 #include "lora/random.hpp"
 #include "lora/workspace.hpp"
@@ -94,7 +95,9 @@ class LoRAAdapter {
   using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;               ///< a dense T vector
   using Index = Eigen::Index;                                       ///< Eigen's index type
 
-  /// A fresh adapter for a d x k weight: A drawn as cfg.init says (seeded), B = 0. With
+  /// A fresh adapter for a d x k weight: A drawn as cfg.init says (seeded), B = 0 (Orthogonal:
+  /// both drawn, B A = 0; PiSSA, OLoRA, LoftQ: both zero and init_pending() until the adapter
+  /// joins a layer, which takes them from its W0 and changes W0 to the residual). With
   /// cfg.use_dora, m (length d) is set to the row norms of W0 when the adapter joins a layer (until
   /// then magnitude_pending() is true and m holds ones). Throws std::invalid_argument for a bad
   /// config, a rank above min(d, k), or a scaling not finite in T.
@@ -110,9 +113,14 @@ class LoRAAdapter {
     Rng rng(cfg.seed);
     if (cfg.init == Init::Gaussian) {
       fill_normal(t_->A, rng, 0.0, 1.0 / cfg.rank);
-    } else {
+    } else if (cfg.init == Init::KaimingUniform) {
       const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
       fill_uniform(t_->A, rng, -bound, bound);
+    } else if (cfg.init == Init::Orthogonal) {
+      orthogonal_init<T>(out_features, in_features, cfg.rank, cfg.seed, t_->A, t_->B);
+    } else {  // PiSSA, OLoRA, LoftQ: the factors come from W0 when the adapter joins a layer
+      t_->A.setZero();
+      init_pending_ = true;
     }
     if (cfg.use_dora) {
       t_->magnitude.setOnes(out_features);
@@ -126,6 +134,9 @@ class LoRAAdapter {
       : config_(o.config_),
         scaling_(o.scaling_),
         magnitude_pending_(o.magnitude_pending_),
+        init_pending_(o.init_pending_),
+        A0_(o.A0_),
+        B0_(o.B0_),
         t_(std::make_shared<detail::AdapterTensors<T>>()) {
     const auto& s = o.tensors();
     t_->A = s.A;
@@ -161,6 +172,9 @@ class LoRAAdapter {
     config_ = o.config_;
     scaling_ = o.scaling_;
     magnitude_pending_ = o.magnitude_pending_;
+    init_pending_ = o.init_pending_;
+    A0_ = o.A0_;
+    B0_ = o.B0_;
     return *this;
   }
   /// As copy assignment: the values move in, this adapter's buffers (and views) stay.
@@ -203,6 +217,28 @@ class LoRAAdapter {
     detail::require_shape("LoRAAdapter::set_weights", "B", B, out_features(), rank());
     tensors().A = A;
     tensors().B = B;
+    init_pending_ = false;
+  }
+
+  // ---- inits that change the base (PiSSA, OLoRA, LoftQ; lora/init.hpp) ------------------------
+
+  /// True for a fresh PiSSA, OLoRA or LoftQ adapter until a layer has taken its factors from W0
+  /// (or set_weights gave it values).
+  bool init_pending() const { return init_pending_; }
+  /// True when config().init changes the base (PiSSA, OLoRA, LoftQ): the adapter only means what
+  /// it was trained to mean on its residual base (see plain_adapter in lora/plain_adapter.hpp).
+  bool needs_residual_base() const { return changes_base(config_.init); }
+  /// The factors the adapter started from (A0: r x k, B0: d x r), kept for the conversion to a
+  /// plain adapter of the original base; empty unless a layer initialised it from W0.
+  const Matrix& initial_A() const { return A0_; }
+  const Matrix& initial_B() const { return B0_; }  ///< B0, d x r (see initial_A)
+
+  /// Sets A and B to the factors an init computed from W0 and keeps them as initial_A(),
+  /// initial_B(); init_pending() becomes false. (The layer calls it when the adapter joins.)
+  void set_initial_factors(const Eigen::Ref<const Matrix>& A, const Eigen::Ref<const Matrix>& B) {
+    set_weights(A, B);
+    A0_ = A;
+    B0_ = B;
   }
 
   /// Sets every gradient to zero. With a column-sparse grad_A (track_sparse_grad_A) only the
@@ -453,6 +489,8 @@ class LoRAAdapter {
   LoRAConfig config_;
   T scaling_{};
   bool magnitude_pending_ = false;  // DoRA: m still waits for the row norms of a layer's W0
+  bool init_pending_ = false;       // PiSSA/OLoRA/LoftQ: A, B still wait for a layer's W0
+  Matrix A0_, B0_;                  // the initial factors of a PiSSA/OLoRA/LoftQ adapter
   std::shared_ptr<detail::AdapterTensors<T>> t_;  // shared with the parameter views
 };
 

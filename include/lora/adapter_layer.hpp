@@ -12,6 +12,7 @@
 #pragma once
 
 #include "lora/adapter.hpp"
+#include "lora/base_init.hpp"
 #include "lora/config.hpp"
 #include "lora/dense_frozen_weight.hpp"
 #include "lora/detail/check.hpp"
@@ -136,15 +137,38 @@ class AdapterLayer {
     return add_adapter(name, Adapter(out_features(), in_features(), cfg));
   }
 
+  /// As above for a PiSSA, OLoRA or LoftQ config, factoring `original`: the full-precision W0
+  /// the storage was built from (d x k). A bf16 or 4-bit storage has rounded W0; PiSSA and OLoRA
+  /// without it factor the weight as stored, LoftQ needs it.
+  Adapter& add_adapter(const std::string& name, const LoRAConfig& cfg,
+                       const Eigen::Ref<const Matrix>& original) {
+    return add_adapter_from(name, Adapter(out_features(), in_features(), cfg), &original);
+  }
+
+  /// As above, forming the residual in `original` itself (a d x k matrix the caller gives up).
+  Adapter& add_adapter(const std::string& name, const LoRAConfig& cfg, Matrix&& original) {
+    return add_adapter_from(name, Adapter(out_features(), in_features(), cfg), nullptr, &original);
+  }
+
   /// Adds `adapter` (for this layer's d x k weight) under `name`. Throws std::invalid_argument for
   /// an empty name, a name already in use or a shape mismatch. Does not change the active adapter.
   /// A DoRA adapter whose magnitude_pending() gets m = the row norms of W0; the first DoRA adapter
-  /// measures them (O(d k), once: std::logic_error if the layer is merged then).
+  /// measures them (O(d k), once: std::logic_error if the layer is merged then). A PiSSA, OLoRA or
+  /// LoftQ adapter whose init_pending() takes its factors from W0, and W0 becomes the residual
+  /// (lora/init.hpp): the base is shared, so every adapter of the layer sees the new W0, as in
+  /// PEFT. Throws std::logic_error for that while merged.
   Adapter& add_adapter(const std::string& name, Adapter adapter) {
+    return add_adapter_from(name, std::move(adapter), nullptr);
+  }
+
+ private:
+  Adapter& add_adapter_from(const std::string& name, Adapter adapter,
+                            const Eigen::Ref<const Matrix>* original, Matrix* owned = nullptr) {
     const detail::Where where{face_, "add_adapter"};
     detail::require(!name.empty(), where, ": the name is empty");
     detail::require(find(name) < 0, where, ": an adapter named \"", name, "\" already exists");
     require_fits(where, name, adapter);
+    prepare_base_init(where, adapter, original, owned);
     prepare_dora(where, adapter);
     // The first adapter seeds LoRA dropout, apart from A's draw (which uses config.seed itself).
     if (entries_.empty()) dropout_rng_ = Rng(adapter.config().seed + kDropoutSeedOffset);
@@ -152,6 +176,7 @@ class AdapterLayer {
     return entries_.back()->adapter;
   }
 
+ protected:
   /// Removes adapter `name`. If it is merged, its delta is first removed from the weight; if it is
   /// active, no adapter is active afterwards. Indices of later adapters shift down by one.
   void remove_adapter(const std::string& name) {
@@ -174,6 +199,7 @@ class AdapterLayer {
                           "\" is merged; call unmerge() first");
     require_fits(where, name, adapter);
     Adapter copy = adapter;
+    prepare_base_init(where, copy, nullptr);
     prepare_dora(where, copy);
     entry(i).adapter = std::move(copy);
     forget_tape();
@@ -888,6 +914,20 @@ class AdapterLayer {
     for (int a : adapters)
       if (a != kNoAdapter && entry(a).adapter.uses_dora()) return true;
     return false;
+  }
+
+  /// For a PiSSA, OLoRA or LoftQ adapter joining the layer: its factors from W0, W0 rebased to the
+  /// residual (lora/base_init.hpp); DoRA's row norms of W0, if measured, are measured again.
+  void prepare_base_init(const detail::Where& where, Adapter& a,
+                         const Eigen::Ref<const Matrix>* original, Matrix* owned = nullptr) {
+    if (!a.init_pending()) return;
+    detail::apply_base_init<T>(where, frozen_, a, original, owned);
+    forget_tape();
+    if (w0_sq_norms_.size() != 0) {
+      Eigen::VectorXd norms(out_features());
+      frozen_.row_norms(norms);
+      w0_sq_norms_ = norms.array().square();
+    }
   }
 
   /// For a DoRA adapter joining the layer: measures ||row i of W0||^2 once (as stored, in double)

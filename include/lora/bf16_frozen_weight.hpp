@@ -278,6 +278,14 @@ class Bf16FrozenWeight : public detail::FrozenStorageBase<Bf16FrozenWeight, floa
     is_merged_ = false;  // ExactRestore: W0 and its prepacked copies are as they were
   }
 
+  /// W0 = round_bf16(W) (same shape): the residual base of PiSSA and OLoRA ("QPiSSA" in bf16).
+  /// Throws std::logic_error while merged, std::invalid_argument for another shape.
+  void rebase(const Eigen::Ref<const Matrix>& W) {
+    check_rebase_call("Bf16FrozenWeight::rebase", W);
+    detail::to_bf16(W, pristine_);
+    ++pristine_version_;  // prepacked copies of the old W0 are remade at the next product
+  }
+
  private:
   friend class detail::FrozenStorageBase<Bf16FrozenWeight, float>;  // calls product()
 

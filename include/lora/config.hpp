@@ -8,7 +8,10 @@
 
 namespace lora {
 
-/// How A is initialised (B always starts at zero, so the adapted layer starts equal to the base).
+/// How the adapter is initialised. Gaussian and KaimingUniform draw A and start B at zero, so the
+/// adapted layer starts equal to the base. PiSSA, OLoRA and LoftQ take A and B from the base
+/// weight itself and change the base to the residual when the adapter joins a layer (see
+/// lora/init.hpp and docs/inits.md); Orthogonal starts A and B non-zero with B * A = 0.
 enum class Init {
   /// A ~ N(0, (1/r)^2): PEFT's `init_lora_weights="gaussian"`.
   Gaussian,
@@ -16,7 +19,26 @@ enum class Init {
   /// PEFT's default (`init_lora_weights=True`) and Microsoft's loralib. The bound follows from
   /// gain = sqrt(2 / (1 + a^2)) = sqrt(1/3) and bound = sqrt(3) * gain / sqrt(fan_in).
   KaimingUniform,
+  /// PiSSA (arXiv 2404.02948; PEFT's `"pissa"` / `"pissa_niter_N"`): A and B are the principal
+  /// singular factors of W0 (divided by s), the base becomes W_res = W0 - s B A.
+  /// LoRAConfig::svd_iterations picks an exact SVD (0) or a seeded randomized one.
+  PiSSA,
+  /// OLoRA (arXiv 2406.01775; PEFT's `"olora"`): Q, R = qr(W0), A = R[:r], B = Q[:, :r], the base
+  /// becomes W_res = W0 - s B A.
+  OLoRA,
+  /// LoftQ (arXiv 2310.08659; PEFT's `"loftq"`, 4 bits): alternates NF4 quantization of the
+  /// residual and a rank-r SVD, LoRAConfig::loftq_iterations times; the base is the last 4-bit Q.
+  /// Needs a 4-bit storage (Nf4FrozenWeight) and the full-precision W0.
+  LoftQ,
+  /// PEFT's `"orthogonal"`: A and B from the odd and even rows of a random r x r orthogonal
+  /// matrix, so B * A = 0 while neither is zero. Needs an even rank.
+  Orthogonal,
 };
+
+/// True for the inits that change the base weight (PiSSA, OLoRA, LoftQ).
+inline bool changes_base(Init init) {
+  return init == Init::PiSSA || init == Init::OLoRA || init == Init::LoftQ;
+}
 
 /// Hyper-parameters of one LoRA adapter (arXiv 2106.09685).
 struct LoRAConfig {
@@ -25,6 +47,11 @@ struct LoRAConfig {
   bool use_rslora = false;     ///< rsLoRA (arXiv 2312.03732): s = alpha / sqrt(r), not alpha / r.
   Init init = Init::Gaussian;  ///< How A is drawn; B is always zero.
   std::uint64_t seed = 0;      ///< Seed of A's draw: the same seed gives the same A everywhere.
+  /// PiSSA's (and LoftQ's) SVD: 0 for an exact SVD, N >= 1 for a seeded randomized range finder
+  /// with N power iterations (PEFT's `pissa_niter_N`, torch.svd_lowrank with q = r).
+  int svd_iterations = 0;
+  /// LoftQ's alternating steps T (PEFT's `loftq_iter`, default 1).
+  int loftq_iterations = 1;
   /// lora_dropout: probability p in [0, 1) of zeroing an element of the adapter's input in
   /// training mode (inverted dropout: kept elements are scaled by 1 / (1 - p)). 0 turns it off.
   double dropout = 0.0;
@@ -48,6 +75,15 @@ struct LoRAConfig {
     detail::require(std::isfinite(alpha), "LoRAConfig: alpha must be finite, got ", alpha);
     detail::require(dropout >= 0.0 && dropout < 1.0, "LoRAConfig: dropout must be in [0, 1), got ",
                     dropout);  // NaN fails both comparisons
+    detail::require(svd_iterations >= 0, "LoRAConfig: svd_iterations must be >= 0, got ",
+                    svd_iterations);
+    detail::require(loftq_iterations >= 1, "LoRAConfig: loftq_iterations must be >= 1, got ",
+                    loftq_iterations);
+    detail::require(init != Init::Orthogonal || rank % 2 == 0,
+                    "LoRAConfig: Init::Orthogonal needs an even rank, got ", rank);
+    detail::require(!(use_dora && changes_base(init)),
+                    "LoRAConfig: PiSSA, OLoRA and LoftQ change the base weight and cannot be "
+                    "combined with DoRA here");
   }
 
   /// As validate(), and also that the rank fits a d x k layer: r <= min(d, k).

@@ -169,6 +169,14 @@ class DenseFrozenWeight : public detail::FrozenStorageBase<DenseFrozenWeight<T>,
     merged_ = false;
   }
 
+  /// W0 = W (same shape; no allocation): the residual base of PiSSA and OLoRA. Throws
+  /// std::logic_error while merged, std::invalid_argument for another shape.
+  void rebase(const Eigen::Ref<const Matrix>& W) {
+    this->check_rebase_call("DenseFrozenWeight::rebase", W);
+    weight_ = W;
+    w0_max_abs_ = -1;  // measured again at the next InPlace merge
+  }
+
  private:
   /// H = W X, or H += W X.   W: d x k,  X: k x n,  H: d x n. On Eigen::nbThreads() threads when
   /// compiled with OpenMP. (Eigen's own H = W X zeroes H, then accumulates: starting H with other

@@ -50,6 +50,14 @@
 //                                    merged (DoRA's norm of the frozen part).
 //   std::size_t stored_bytes() const bytes held for the weight (W0 and any merged copy).
 //
+//   Rebase (PiSSA, OLoRA and LoftQ replace the base by a residual when their adapter joins):
+//   void rebase(W)                   W0 = W (d x k, the same shape) as this storage stores a
+//                                    weight (bf16 rounds it, NF4 quantizes it with its own
+//                                    options); keeps the merge mode and back end.
+//                                    std::logic_error while merged, std::invalid_argument for
+//                                    another shape, std::domain_error where the storage cannot
+//                                    hold W. W as `const Eigen::Ref<const Matrix>&`.
+//
 // Storages must also be copy- and move-constructible (a copy shares nothing with the original).
 #pragma once
 
@@ -126,6 +134,7 @@ LORA_STORAGE_DETECTOR(has_all_finite, bool{std::declval<const F&>().all_finite()
 LORA_STORAGE_DETECTOR(
     has_row_norms, std::declval<const F&>().row_norms(std::declval<Eigen::Ref<Eigen::VectorXd>>()))
 LORA_STORAGE_DETECTOR(has_stored_bytes, std::size_t{std::declval<const F&>().stored_bytes()})
+LORA_STORAGE_DETECTOR(has_rebase, std::declval<F&>().rebase(std::declval<CRef<F>>()))
 
 LORA_STORAGE_DETECTOR(has_gather_columns, std::declval<const F&>().gather_columns(
                                               std::declval<const std::vector<std::int64_t>&>(),
@@ -147,7 +156,8 @@ inline constexpr bool is_frozen_storage_v = [] {
            has_multiply_transposed_add<F>::value && has_merge<F>::value && has_unmerge<F>::value &&
            has_is_merged<F>::value && has_merge_mode<F>::value && has_weight<F>::value &&
            has_all_finite<F>::value && has_row_norms<F>::value && has_stored_bytes<F>::value &&
-           std::is_copy_constructible_v<F> && std::is_move_constructible_v<F>;
+           has_rebase<F>::value && std::is_copy_constructible_v<F> &&
+           std::is_move_constructible_v<F>;
   }
 }();
 
@@ -194,6 +204,10 @@ constexpr bool check_frozen_storage() {
                   "out) const`: the row norms of W0 as stored.");
     static_assert(has_stored_bytes<F>::value,
                   "lora: a frozen storage must provide `std::size_t stored_bytes() const`.");
+    static_assert(has_rebase<F>::value,
+                  "lora: a frozen storage must provide `void rebase(const Eigen::Ref<const "
+                  "Matrix>& W)`: W0 = W as the storage stores it (PiSSA, OLoRA and LoftQ "
+                  "residual bases).");
     static_assert(std::is_copy_constructible_v<F> && std::is_move_constructible_v<F>,
                   "lora: a frozen storage must be copy- and move-constructible.");
   }

@@ -159,6 +159,25 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
     return bytes;
   }
 
+  /// W0 = the blocks of W (same shape) in this storage's type, made as quantize() makes them: the
+  /// residual base of PiSSA and OLoRA, kept as llama.cpp would store it. Throws std::logic_error
+  /// while merged, std::invalid_argument for another shape or a type lora cannot quantize into
+  /// (q5_0, q5_K), std::domain_error for a non-finite element or a block scale that overflows
+  /// fp16; the weight is then left as it was.
+  void rebase(const Eigen::Ref<const Matrix>& W) {
+    this->check_rebase_call("GgmlFrozenWeight::rebase", W);
+    std::vector<std::uint8_t> bytes = ggml_encode(W, type_);
+    std::swap(data_, bytes);
+    try {
+      check_values();
+    } catch (const io::FormatError& e) {
+      std::swap(data_, bytes);
+      throw std::domain_error(detail::concat("GgmlFrozenWeight::rebase: W does not fit ",
+                                             io::ggml_type_traits(type_).name,
+                                             " (a block scale overflows fp16): ", e.what()));
+    }
+  }
+
   /// The ggml type of the blocks.
   io::GgmlType type() const { return type_; }
   /// The tensor's name (for messages).

@@ -45,9 +45,16 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
   explicit LoRALinear(Matrix W0, const LoRAConfig& config = LoRAConfig{})
       : LoRALinear(std::move(W0), Vector(), config) {}
 
-  /// As above, with a frozen bias b of length d.
+  /// As above, with a frozen bias b of length d. A PiSSA, OLoRA or LoftQ config factors this W0
+  /// at full precision before the storage rounds the residual (lora/init.hpp).
   LoRALinear(Matrix W0, Vector bias, const LoRAConfig& config)
-      : LoRALinear(Frozen(checked_weight(std::move(W0), config)), std::move(bias), config) {}
+      : Core(make_frozen(W0, config), std::move(bias), "LoRALinear") {
+    if (changes_base(config.init) && W0.size() != 0)
+      Core::add_adapter(kName, config, std::move(W0));  // the residual is formed in W0 itself
+    else
+      Core::add_adapter(kName, config);
+    Core::set_active(kName);
+  }
 
   /// Wraps a frozen storage built by the caller, e.g.
   /// `DenseFrozenWeight<float>(W0, MergeMode::ExactRestore)` or
@@ -56,6 +63,16 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
   LoRALinear(Frozen frozen, Vector bias, const LoRAConfig& config)
       : Core(std::move(frozen), std::move(bias), "LoRALinear") {
     Core::add_adapter(kName, config);
+    Core::set_active(kName);
+  }
+
+  /// As above for a PiSSA, OLoRA or LoftQ config, which factors `original`: the full-precision W0
+  /// (d x k) the storage was built from, e.g.
+  /// `LoRALinear<float, Nf4FrozenWeight>(Nf4FrozenWeight(W0, options), {}, cfg, W0)` for LoftQ.
+  LoRALinear(Frozen frozen, Vector bias, const LoRAConfig& config,
+             const Eigen::Ref<const Matrix>& original)
+      : Core(std::move(frozen), std::move(bias), "LoRALinear") {
+    Core::add_adapter(kName, config, original);
     Core::set_active(kName);
   }
 
@@ -118,7 +135,14 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
 
   static constexpr const char* kName = "default";  // PEFT's name for a model's one adapter
 
-  static Matrix checked_weight(Matrix W0, const LoRAConfig& config) {
+  // The storage of W0; W0 itself is kept (copied) only when an init still needs it.
+  static Frozen make_frozen(Matrix& W0, const LoRAConfig& config) {
+    checked_weight(W0, config);
+    if (changes_base(config.init)) return Frozen(W0);
+    return Frozen(std::move(W0));
+  }
+
+  static const Matrix& checked_weight(const Matrix& W0, const LoRAConfig& config) {
     detail::require(W0.rows() >= 1 && W0.cols() >= 1, "LoRALinear: W0 must be at least 1 x 1, got ",
                     detail::shape_string(W0.rows(), W0.cols()));
     config.validate_for(W0.rows(), W0.cols());

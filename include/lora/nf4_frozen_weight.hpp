@@ -149,6 +149,31 @@ class Nf4FrozenWeight : public detail::PanelStorage<Nf4FrozenWeight> {
     });
   }
 
+  // ---- rebase (PiSSA, OLoRA, LoftQ) -------------------------------------------------------------
+
+  /// W0 = nf4(W) (same shape), quantized with this storage's options: the residual base of PiSSA
+  /// and OLoRA ("QPiSSA"), or LoftQ's base. Throws std::logic_error while merged,
+  /// std::invalid_argument for another shape, std::domain_error for a non-finite element.
+  void rebase(const Eigen::Ref<const Matrix>& W) {
+    check_rebase_call("Nf4FrozenWeight::rebase", W);
+    detail::require_finite("Nf4FrozenWeight::rebase", "W", W);
+    quantize(W);
+  }
+
+  /// M = dequant(nf4(M)): what this storage (with its options) makes of a weight M of any shape,
+  /// one row at a time (LoftQ's quantization step). Throws std::domain_error for a non-finite M.
+  void round_trip(Eigen::Ref<Matrix> M) const {
+    Nf4Options options;
+    options.double_quantization = double_quant_;
+    options.backend = Nf4Backend::Portable;
+    const Nf4FrozenWeight q(M, MergeMode::ExactRestore, options);
+    Vector row(M.cols());
+    for (Index i = 0; i < M.rows(); ++i) {
+      q.dequantize_row(i, 0, M.cols(), row.data());
+      M.row(i) = row.transpose();
+    }
+  }
+
  private:
   friend class detail::PanelStorage<Nf4FrozenWeight>;
 

@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstddef>
 #include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -128,6 +129,16 @@ T clip_grad_norm(const std::vector<ParameterView<T>>& params, T max_norm) {
 }
 
 namespace detail {
+
+/// 'A' or 'B' for a view named "A", "B", "<prefix>.A" or "<prefix>.B" (an adapter's factors, see
+/// LoRAAdapter::parameters), else 0: which LoRA factor a parameter is, for LoRA+ and LoRA-FA.
+inline char factor_role(const std::string& name) {
+  if (name.empty()) return 0;
+  const char last = name.back();
+  if (last != 'A' && last != 'B') return 0;
+  if (name.size() == 1 || name[name.size() - 2] == '.') return last;
+  return 0;
+}
 
 inline void require_finite_option(const char* where, const char* name, double v) {
   require(std::isfinite(v), where, ": ", name, " must be finite, got ", v);
@@ -273,10 +284,21 @@ struct AdamWOptions {
   double beta2 = 0.999;        ///< second-moment decay, in [0, 1)
   double eps = 1e-8;           ///< added to sqrt(v_hat), >= 0
   double weight_decay = 1e-2;  ///< decoupled decay, >= 0
+  /// LoRA+ (arXiv 2402.12354; PEFT's create_loraplus_optimizer `loraplus_lr_ratio`): parameters
+  /// whose view is named B (an adapter's "B", or "<prefix>B") train with lr * loraplus_lr_ratio,
+  /// the others with lr. 1 turns it off; the paper suggests 16. > 0.
+  double loraplus_lr_ratio = 1.0;
+  /// LoRA-FA's frozen A (arXiv 2308.03303): parameters whose view is named A (an adapter's "A",
+  /// or "<prefix>A") are not updated (their moments stay zero). (PEFT's LoRA-FA optimizer also
+  /// projects B's gradient with (A A^T)^-1 / s^2; this option only freezes A.)
+  bool freeze_A = false;
 
   /// Throws std::invalid_argument naming the first bad option.
   void validate() const {
     constexpr const char* where = "lora::AdamWOptions";
+    detail::require_finite_option(where, "loraplus_lr_ratio", loraplus_lr_ratio);
+    detail::require(loraplus_lr_ratio > 0, where, ": loraplus_lr_ratio must be > 0, got ",
+                    loraplus_lr_ratio);
     detail::require_finite_option(where, "lr", lr);
     detail::require_finite_option(where, "beta1", beta1);
     detail::require_finite_option(where, "beta2", beta2);
@@ -323,12 +345,10 @@ class AdamW {
     const double t = static_cast<double>(steps_);
     const double bias1 = 1.0 - std::pow(options_.beta1, t);
     const double bias2 = 1.0 - std::pow(options_.beta2, t);
-    const T decay = static_cast<T>(1.0 - options_.lr * options_.weight_decay);
     const T b1 = static_cast<T>(options_.beta1), b2 = static_cast<T>(options_.beta2);
-    const T step_size = static_cast<T>(options_.lr / bias1);
     const T sqrt_bias2 = static_cast<T>(std::sqrt(bias2));
     const T eps = static_cast<T>(options_.eps);
-    auto update = [&](auto p, auto g, auto m, auto v) {
+    auto update = [&](auto p, auto g, auto m, auto v, T decay, T step_size) {
       p *= decay;
       m = b1 * m + (T(1) - b1) * g;
       v = b2 * v + (T(1) - b2) * g.cwiseAbs2();
@@ -336,16 +356,21 @@ class AdamW {
       p.array() -= step_size * (m.array() / (v.array().sqrt() / sqrt_bias2 + eps));
     };
     for (std::size_t i = 0; i < params_.size(); ++i) {
+      const char role = detail::factor_role(params_[i].name);
+      if (options_.freeze_A && role == 'A') continue;  // LoRA-FA
+      const double lr = role == 'B' ? options_.lr * options_.loraplus_lr_ratio : options_.lr;
+      const T decay = static_cast<T>(1.0 - lr * options_.weight_decay);
+      const T step_size = static_cast<T>(lr / bias1);
       ParameterView<T>& view = params_[i];
       Matrix& m = m_[i];
       Matrix& v = v_[i];
       if (view.sparse_columns()) {  // lazily: only the columns with a gradient
         for (Eigen::Index j : view.columns->list)
-          update(view.value.col(j), view.grad.col(j), m.col(j), v.col(j));
+          update(view.value.col(j), view.grad.col(j), m.col(j), v.col(j), decay, step_size);
       } else {
         update(view.value.block(0, 0, m.rows(), m.cols()),
                view.grad.block(0, 0, m.rows(), m.cols()), m.block(0, 0, m.rows(), m.cols()),
-               v.block(0, 0, m.rows(), m.cols()));
+               v.block(0, 0, m.rows(), m.cols()), decay, step_size);
       }
     }
   }

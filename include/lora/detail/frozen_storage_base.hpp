@@ -63,6 +63,14 @@ class FrozenStorageBase {
     }
   }
 
+  /// The checks of rebase: not merged, and W of the storage's shape. `who` names the call.
+  void check_rebase_call(const char* who, const Eigen::Ref<const Matrix>& W) const {
+    require_state(!self().is_merged(), who, ": the weight is merged; call unmerge() first");
+    require(W.rows() == self().out_features() && W.cols() == self().in_features(), who,
+            ": the new base must be ", shape_string(self().out_features(), self().in_features()),
+            ", got ", shape_string(W.rows(), W.cols()));
+  }
+
  private:
   const Derived& self() const { return static_cast<const Derived&>(*this); }
 };

@@ -78,6 +78,12 @@ class OneDnnFrozenWeight : public lora::detail::FrozenStorageBase<OneDnnFrozenWe
     ++version_;
   }
 
+  /// W0 = W (see DenseFrozenWeight::rebase); prepacked copies are remade at the next product.
+  void rebase(const Eigen::Ref<const Matrix>& W) {
+    dense_.rebase(W);
+    ++version_;
+  }
+
   /// What oneDNN runs on this CPU.
   static std::string backend_report() { return runtime_report(); }
 

@@ -291,6 +291,12 @@ struct AdapterConfig {
   bool lora_bias = false;       ///< each lora_B carries a bias (`lora_B.bias`, length out)
   bool use_dora = false;  ///< DoRA: each module also has a `lora_magnitude_vector` (length out)
   std::vector<std::string> modules_to_save;  ///< fully trained modules: not supported
+  /// init_lora_weights: "true" / "false" (written as JSON booleans), or PEFT's init names
+  /// ("gaussian", "pissa", "pissa_niter_N", "olora", "loftq", "orthogonal", ...; see
+  /// lora/init.hpp). "pissa", "olora" and "loftq" say that the adapter belongs on a residual base
+  /// (PEFT recomputes it from the original weights when it loads such a file); lora loads the
+  /// weights onto whatever base the layers hold.
+  std::string init_lora_weights = "true";
   /// The file as read (empty for a config built in code): its other fields are written back
   /// unchanged by to_json.
   nlohmann::ordered_json original;
@@ -356,6 +362,16 @@ struct AdapterConfig {
     get_string("bias", c.bias);
     get_bool("lora_bias", c.lora_bias);
     get_bool("use_dora", c.use_dora);
+    if (has("init_lora_weights")) {
+      const auto& v = j.at("init_lora_weights");
+      if (v.is_boolean())
+        c.init_lora_weights = v.get<bool>() ? "true" : "false";
+      else if (v.is_string() && v.get_ref<const std::string&>().size() <= 64)
+        c.init_lora_weights = v.get<std::string>();
+      else
+        throw fail("init_lora_weights must be true, false or an init's name, got " +
+                   detail::brief_json(v));
+    }
     if (has("target_modules")) {
       const auto& t = j.at("target_modules");
       if (t.is_string()) {
@@ -511,6 +527,10 @@ struct AdapterConfig {
     j["bias"] = bias;
     j["lora_bias"] = lora_bias;
     j["use_dora"] = use_dora;
+    if (init_lora_weights == "true" || init_lora_weights == "false")
+      j["init_lora_weights"] = init_lora_weights == "true";
+    else
+      j["init_lora_weights"] = init_lora_weights;
     if (modules_to_save.empty())
       j["modules_to_save"] = nullptr;
     else

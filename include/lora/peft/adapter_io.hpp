@@ -23,6 +23,7 @@
 #include "lora/lora_linear.hpp"
 #include "lora/multi_lora_linear.hpp"
 #include "lora/peft/adapter_config.hpp"
+#include "lora/plain_adapter.hpp"
 
 #include <Eigen/Core>
 
@@ -423,6 +424,12 @@ struct SaveOptions {
   /// A config to start from (e.g. the one load_adapter returned): its target_modules,
   /// fan_in_fan_out, patterns and other fields are kept where they still describe the adapters.
   std::optional<AdapterConfig> base;
+  /// PEFT's save_pretrained(path_initial_model_for_weight_conversion=...): a PiSSA, OLoRA or
+  /// LoftQ adapter is written as the equivalent plain adapter of the ORIGINAL base
+  /// (lora::plain_adapter: rank 2r, `init_lora_weights: true`), which loads onto the unmodified
+  /// model. Without it such an adapter is written as it is, with init_lora_weights naming its
+  /// init ("pissa", ...): it belongs on its residual base.
+  bool convert_to_plain = false;
 };
 
 namespace detail {
@@ -522,6 +529,13 @@ AdapterConfig config_for(const std::map<std::string, const LoRAAdapter<T>*>& ada
   c.use_rslora = rslora;
   c.use_dora = dora;
   c.lora_bias = any_bias;
+  // PEFT has one init_lora_weights per adapter: a residual init names itself (its base is not
+  // the original one); otherwise the base config's value, or PEFT's default `true`.
+  for (const auto& [path, a] : adapters)
+    if (a->needs_residual_base()) {
+      c.init_lora_weights = peft_init_name(a->config().init, a->config().svd_iterations);
+      break;
+    }
   std::vector<int> rank_defaults{c.r};
   std::vector<double> alpha_defaults{c.lora_alpha};
   if (!options.base) {
@@ -728,6 +742,19 @@ AdapterConfig write_adapter(const std::string& dir_as_given,
                                   " is null");
     if (path.empty() || !detail::split_key(key_of(path, "lora_A.weight")))
       throw std::invalid_argument("save_adapter: bad module path " + io::quote_for_message(path));
+  }
+  if (options.convert_to_plain) {
+    std::vector<LoRAAdapter<T>> plain;
+    plain.reserve(adapters.size());
+    std::map<std::string, const LoRAAdapter<T>*> converted;
+    for (const auto& [path, a] : adapters) {
+      plain.push_back(plain_adapter(*a));
+      converted.emplace(path, &plain.back());
+    }
+    SaveOptions rest = options;
+    rest.convert_to_plain = false;
+    if (rest.base) rest.base->init_lora_weights = "true";
+    return write_adapter<T>(dir, converted, rest);
   }
   const AdapterConfig config = detail::config_for(adapters, options);
   const io::DType dtype =
