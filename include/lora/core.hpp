@@ -22,6 +22,7 @@
 #include "lora/optim.hpp"
 #include "lora/parameter.hpp"
 #include "lora/random.hpp"
+#include "lora/schedule.hpp"
 #include "lora/summary.hpp"
 #include "lora/version.hpp"
 #include "lora/weighted_adapter.hpp"
