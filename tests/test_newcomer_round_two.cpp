@@ -250,12 +250,10 @@ TEST(Schedules, LinearAndCosineWithWarmupAsTransformers) {
 /// A few AdamW steps of a LoRA layer on a fixed regression task, lr from a cosine schedule.
 void train(lora::LoRALinear<float>& layer, lora::AdamW<float>& opt, int steps) {
   const auto schedule = lora::LRSchedule::cosine_with_warmup(1e-2, 3, 10);
-  lora::Rng rng(7);
-  for (int i = 0; i < opt.step_count(); ++i) rng.uniform();  // the data stream of a resumed run
   for (int i = 0; i < steps; ++i) {
+    lora::Rng rng(7 + static_cast<std::uint64_t>(opt.step_count()));  // the batch of this step
     MatrixXf X(5, 4);
     lora::fill_uniform(X, rng, -1, 1);
-    rng.uniform();
     const MatrixXf G = layer.forward(X) - MatrixXf::Ones(6, 4);
     opt.zero_grad();
     layer.backward(X, G);
@@ -378,7 +376,7 @@ TEST(WeightedAdapter, DareKeepsOrDropsEachValueRescaledAndIsSeeded) {
     ++kept;
     EXPECT_NEAR(v, 2.0 * a.A().data()[i] / 0.25, 1e-12);
   }
-  EXPECT_NEAR(static_cast<double>(kept) / static_cast<double>(c.A().size()), 0.25, 0.05);
+  EXPECT_NEAR(static_cast<double>(kept) / static_cast<double>(c.A().size()), 0.25, 0.1);
   const auto again =
       lora::combine_adapters<double>({&a, &zero}, {4, 0}, lora::Combination::DareLinear, o);
   EXPECT_TRUE(bit_identical(again.A(), c.A()));
