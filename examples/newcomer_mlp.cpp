@@ -32,6 +32,8 @@ int main(int argc, char** argv) {
   dora.seed = 1;
   lora::LoRAConfig plain = dora;
   plain.use_dora = false;
+  plain.rank = 4;  // fc2 is 4 x 64: r <= min(d, k)
+  plain.alpha = 8;
   plain.seed = 2;
   lora::LoRALinear<float, lora::Nf4FrozenWeight> fc1(lora::Nf4FrozenWeight(W1), b1, dora);
   lora::LoRALinear<float, lora::Bf16FrozenWeight> fc2(lora::Bf16FrozenWeight(W2), {}, plain);
