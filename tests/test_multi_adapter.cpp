@@ -67,6 +67,8 @@ TEST(MultiLoRA, ActiveAdapterAndDisable) {
   Multi layer = make_layer();
   const MatrixXd X = MatrixXd::Random(10, 5);
   const MatrixXd base = reference_base(layer, X);
+  EXPECT_EQ(layer.active_name(), "a");  // the first adapter added is active, as in PEFT
+  layer.disable();
   EXPECT_FALSE(layer.has_active());
   EXPECT_MATRIX_NEAR(layer.forward(X), base, 1e-14);
   for (const char* name : {"a", "b", "c"}) {
@@ -96,6 +98,7 @@ TEST(MultiLoRA, MergeAndSwitchWhileMerged) {
     Multi layer = make_layer(mode);
     const MatrixXd W0 = layer.weight();
     const MatrixXd X = MatrixXd::Random(10, 6);
+    layer.disable();
     EXPECT_THROW(layer.merge(), std::logic_error);  // nothing active
     layer.set_active("a");
     layer.merge();

@@ -54,8 +54,8 @@ namespace lora {
 template <typename T, typename Frozen = DenseFrozenWeight<T>>
 class AdapterLayer {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
-                "lora: layers support T = float or T = double only; convert the weight with "
-                ".template cast<float>() first.");
+                "lora: layers support T = float or T = double only; convert the weight first, "
+                "e.g. W.cast<float>() (W.template cast<float>() inside a template).");
   static_assert(check_frozen_storage<Frozen>());
   static_assert(std::is_same_v<typename Frozen::Scalar, T>,
                 "lora: the layer's T must be its frozen storage's Scalar (e.g. "
@@ -95,6 +95,7 @@ class AdapterLayer {
         active_(o.active_),
         merged_(o.merged_),
         training_(o.training_),
+        requires_grad_(o.requires_grad_),
         face_(o.face_),
         dropout_rng_(o.dropout_rng_),
         mask_storage_(o.mask_storage_),
@@ -301,6 +302,17 @@ class AdapterLayer {
   void eval() { training_ = false; }
   /// True in training mode.
   bool is_training() const { return training_; }
+
+  /// PEFT's `requires_grad_(False)` on this layer's adapters: with `false`, a backward still
+  /// returns dL/dX through the adapter (the layer keeps adapting its output) but leaves every
+  /// adapter's gradients as they were, and the *_without_input_grad backwards do nothing. For a
+  /// run that trains other layers through this one (a frozen K or O projection of an attention
+  /// block). The backward runs as usual, so dX is exactly a trainable layer's; the gradients are
+  /// put back afterwards (O(r (d + k)) copies per adapter, no allocation once grown). Leave the
+  /// layer's parameters out of the optimizer too, or its weight decay still moves them.
+  void set_requires_grad(bool on) { requires_grad_ = on; }
+  /// False after set_requires_grad(false): backward returns dX only.
+  bool requires_grad() const { return requires_grad_; }
   /// True when forward masks the active adapter's input: training mode and its dropout > 0.
   bool dropout_active() const {
     return training_ && active_ >= 0 && entry(active_).adapter.config().dropout > 0;
@@ -473,6 +485,7 @@ class AdapterLayer {
     Adapter& a = trainable_active(where);
     detail::require_backward_args(where, X, G, out_features(), in_features());
     detail::require_input_gradient_arg(where, dX, X, G);
+    const GradientKeeper keep(*this);  // set_requires_grad(false): the gradients are put back
     if (a.uses_dora()) {
       const bool dropout = dropout_active();
       if (dropout) {
@@ -507,6 +520,7 @@ class AdapterLayer {
     const detail::Where where{face_, "backward_without_input_grad"};
     Adapter& a = trainable_active(where);
     detail::require_backward_args(where, X, G, out_features(), in_features());
+    if (!requires_grad_) return;  // no gradients wanted, and no dX: nothing to do
     if (a.uses_dora()) {
       if (dropout_active()) {
         dora_gradients(a, active_, masked_input(where, X, ws), X, G, nullptr, nullptr, true, ws);
@@ -548,6 +562,7 @@ class AdapterLayer {
                       const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX, WorkspaceType& ws) {
     const detail::Where where{face_, "backward_mixed"};
     detail::require_input_gradient_arg(where, dX, X, G);
+    const GradientKeeper keep(*this);  // set_requires_grad(false): the gradients are put back
     const bool scaled = mixed_gradients(where, X, adapters, G, &dX, ws);
     // dX += W0^T G, with DoRA columns (without dropout) as c .* G: (k x d)(d x n)
     if (scaled) {
@@ -561,6 +576,7 @@ class AdapterLayer {
   void backward_mixed_without_input_grad(const Eigen::Ref<const Matrix>& X,
                                          const std::vector<int>& adapters,
                                          const Eigen::Ref<const Matrix>& G, WorkspaceType& ws) {
+    const GradientKeeper keep(*this);  // set_requires_grad(false): nothing changes
     mixed_gradients(detail::Where{face_, "backward_mixed_without_input_grad"}, X, adapters, G,
                     nullptr, ws);
   }
@@ -659,6 +675,48 @@ class AdapterLayer {
   // Keeps the dropout stream apart from A's draw, which uses config.seed itself.
   static constexpr std::uint64_t kDropoutSeedOffset = 0x6c6f72615f64726fULL;  // "lora_dro"
 
+  /// Puts every adapter's gradients back as they were when it was made, for a backward of a layer
+  /// whose adapters do not require gradients (set_requires_grad(false)); does nothing otherwise.
+  /// Restores on the way out of an exception too.
+  class GradientKeeper {
+   public:
+    explicit GradientKeeper(AdapterLayer& layer) : layer_(layer.requires_grad_ ? nullptr : &layer) {
+      if (layer_ == nullptr) return;
+      auto& saved = layer_->saved_grads_;
+      if (saved.size() < 4 * layer_->entries_.size()) saved.resize(4 * layer_->entries_.size());
+      std::size_t i = 0;
+      for (auto& e : layer_->entries_) {
+        Adapter& a = e->adapter;
+        for (auto* g : {&a.grad_A(), &a.grad_B()}) copy(*g, saved[i++]);
+        for (auto* g : {&a.grad_lora_bias(), &a.grad_magnitude()}) copy(*g, saved[i++]);
+      }
+    }
+    ~GradientKeeper() {
+      if (layer_ == nullptr) return;
+      std::size_t i = 0;
+      for (auto& e : layer_->entries_) {
+        Adapter& a = e->adapter;
+        for (auto* g : {&a.grad_A(), &a.grad_B()}) put(layer_->saved_grads_[i++], *g);
+        for (auto* g : {&a.grad_lora_bias(), &a.grad_magnitude()})
+          put(layer_->saved_grads_[i++], *g);
+      }
+    }
+    GradientKeeper(const GradientKeeper&) = delete;
+    GradientKeeper& operator=(const GradientKeeper&) = delete;
+
+   private:
+    template <typename M>
+    static void copy(const M& from, Vector& to) {
+      if (to.size() < from.size()) to.resize(from.size());  // grown, never shrunk
+      to.head(from.size()) = Eigen::Map<const Vector>(from.data(), from.size());
+    }
+    template <typename M>
+    static void put(const Vector& from, M& to) {
+      Eigen::Map<Vector>(to.data(), to.size()) = from.head(to.size());
+    }
+    AdapterLayer* layer_;
+  };
+
   /// The factors folded into the weight by the last merge() (valid while merged): for DoRA also
   /// m (for the stale-merge check) and the row scale g = m / ||W0 + s B A|| (for unmerge).
   struct MergedFactors {
@@ -692,7 +750,7 @@ class AdapterLayer {
   /// The active entry; throws std::logic_error naming `method` when none is active.
   const Entry& active_entry(const char* method) const {
     detail::require_state(active_ >= 0, detail::Where{face_, method},
-                          ": no adapter is active; call set_active");
+                          ": no adapter is active; call set_active (enable() on a LoRALinear)");
     return entry(active_);
   }
 
@@ -733,7 +791,8 @@ class AdapterLayer {
 
   /// The active adapter, for a call that trains it: throws while merged or with none active.
   Adapter& trainable_active(const detail::Where& where) {
-    detail::require_state(active_ >= 0, where, ": no adapter is active; call set_active");
+    detail::require_state(active_ >= 0, where,
+                          ": no adapter is active; call set_active (enable() on a LoRALinear)");
     detail::require_state(!is_merged(), where,
                           ": the layer is merged; call unmerge() before training the adapter");
     return entry(active_).adapter;
@@ -1245,6 +1304,8 @@ class AdapterLayer {
   int active_ = -1;
   MergedFactors merged_;
   bool training_ = true;
+  bool requires_grad_ = true;        // false: backward keeps the adapters' gradients (dX only)
+  std::vector<Vector> saved_grads_;  // the gradients a backward with requires_grad_ false puts back
   const char* face_;
   // LoRA dropout state, written by a training-mode forward (see train()).
   mutable Rng dropout_rng_{kDropoutSeedOffset};

@@ -26,6 +26,7 @@
 #include "lora/parameter.hpp"
 #include "lora/plain_adapter.hpp"
 #include "lora/random.hpp"
+#include "lora/schedule.hpp"
 #include "lora/summary.hpp"
 #include "lora/version.hpp"
 #include "lora/weighted_active_set.hpp"

@@ -9,3 +9,9 @@
 #include "lora/ggml_frozen_weight.hpp"
 #include "lora/nf4_frozen_weight.hpp"
 #include "lora/peft.hpp"
+
+// Compiled mode: with LORA_EXTERN_TEMPLATES (lora::lora_compiled) the shipped instantiations are
+// declared extern here and compiled once in that library.
+#if defined(LORA_EXTERN_TEMPLATES)
+#include "lora/extern_templates.hpp"
+#endif

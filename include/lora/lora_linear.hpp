@@ -79,6 +79,20 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
   // The frozen side, modes, forward and backward, merge and health are AdapterLayer's public
   // members; this face adds the accessors of its one adapter.
 
+  // ---- switching the adapter off (PEFT's disable_adapter) ---------------------------------------
+
+  /// Switches the adapter off: forward gives the base output W0 X + b (a merged layer is unmerged
+  /// first) and backward throws std::logic_error until enable(). The adapter and its optimizer
+  /// state are kept. PEFT's `with model.disable_adapter():`. A no-op when already disabled.
+  void disable() { Core::disable(); }
+  /// Switches the adapter back on (not merged; call merge() again for a merged layer). A no-op
+  /// when enabled.
+  void enable() {
+    if (!Core::has_active()) Core::set_active(kName);
+  }
+  /// True unless disable() switched the adapter off.
+  bool is_enabled() const { return Core::has_active(); }
+
   // ---- the adapter -----------------------------------------------------------------------------
 
   Index rank() const { return adapter().rank(); }                  ///< r

@@ -51,7 +51,6 @@ class MultiLoRALinear : public AdapterLayer<T, Frozen> {
   using Core::adapter_count;
   using Core::adapter_index;
   using Core::adapter_names;
-  using Core::add_adapter;
   using Core::has_adapter;
   using Core::parameters;
   using Core::remove_adapter;
@@ -61,6 +60,19 @@ class MultiLoRALinear : public AdapterLayer<T, Frozen> {
   using Core::disable;
   using Core::has_active;
   using Core::set_active;
+
+  /// Adds a fresh adapter (A drawn as cfg says, B = 0; DoRA's m = the row norms of W0) named
+  /// `name` and returns it. As PEFT, the first adapter of a layer becomes active (a forward right
+  /// after uses it); later ones do not change the active adapter (set_active switches). Throws
+  /// std::invalid_argument for an empty name, a name in use, or a config that does not fit W0.
+  Adapter& add_adapter(const std::string& name, const LoRAConfig& cfg) {
+    return activate_if_first(Core::add_adapter(name, cfg), name);
+  }
+  /// Adds `adapter` (for this layer's d x k weight, e.g. one loaded from a file) under `name`,
+  /// activating it when it is the layer's first, as above.
+  Adapter& add_adapter(const std::string& name, Adapter adapter) {
+    return activate_if_first(Core::add_adapter(name, std::move(adapter)), name);
+  }
 
   using Core::backward_mixed;
   using Core::backward_mixed_without_input_grad;
@@ -74,6 +86,17 @@ class MultiLoRALinear : public AdapterLayer<T, Frozen> {
   Adapter& add_weighted_adapter(const std::string& name, const std::vector<std::string>& sources,
                                 const std::vector<double>& weights, Combination how,
                                 int svd_rank = 0) {
+    CombineOptions options;
+    options.svd_rank = svd_rank;
+    return add_weighted_adapter(name, sources, weights, how, options);
+  }
+
+  /// As above, for every PEFT combination_type (Combination::Linear, Ties, DareLinear, DareTies,
+  /// MagnitudePrune and their Svd forms) with its options: density, majority sign, DARE's seed
+  /// and the Svd forms' rank (see combine_adapters for the formulas, PEFT's).
+  Adapter& add_weighted_adapter(const std::string& name, const std::vector<std::string>& sources,
+                                const std::vector<double>& weights, Combination how,
+                                const CombineOptions& options) {
     std::vector<const Adapter*> parts;
     for (const auto& s : sources) {
       parts.push_back(&std::as_const(*this).adapter(s));
@@ -85,10 +108,15 @@ class MultiLoRALinear : public AdapterLayer<T, Frozen> {
     detail::require(!has_adapter(name),
                     "MultiLoRALinear::add_weighted_adapter: an adapter named \"", name,
                     "\" already exists");
-    return add_adapter(name, combine_adapters<T>(parts, weights, how, svd_rank));
+    return add_adapter(name, combine_adapters<T>(parts, weights, how, options));
   }
 
  private:
+  Adapter& activate_if_first(Adapter& added, const std::string& name) {
+    if (adapter_count() == 1 && !has_active()) Core::set_active(name);
+    return added;
+  }
+
   static Matrix checked(Matrix W0) {
     detail::require(W0.rows() >= 1 && W0.cols() >= 1,
                     "MultiLoRALinear: W0 must be at least 1 x 1, got ",

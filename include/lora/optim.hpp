@@ -270,6 +270,21 @@ class SGD {
     return options_.momentum > 0 ? momentum_.at(i) : empty;
   }
 
+  /// Restores a resumed run's state: the step count and, with momentum, one buffer per parameter
+  /// shaped as it (none without momentum). Throws std::invalid_argument (the optimizer unchanged)
+  /// for a negative count, a wrong number of buffers or a wrong shape.
+  void load_state(long long step_count, const std::vector<Matrix>& momentum) {
+    constexpr const char* where = "lora::SGD::load_state";
+    detail::require(step_count >= 0, where, ": the step count must be >= 0, got ", step_count);
+    detail::require(momentum.size() == momentum_.size(), where, ": ", momentum_.size(),
+                    " momentum buffers expected, got ", momentum.size());
+    for (std::size_t i = 0; i < momentum_.size(); ++i)
+      detail::require_shape(where, "a momentum buffer", momentum[i], params_[i].value.rows(),
+                            params_[i].value.cols());
+    for (std::size_t i = 0; i < momentum_.size(); ++i) momentum_[i] = momentum[i];
+    steps_ = step_count;
+  }
+
  private:
   std::vector<ParameterView<T>> params_;
   SGDOptions options_;
@@ -395,6 +410,31 @@ class AdamW {
   const std::vector<ParameterView<T>>& parameters() const { return params_; }
   const Matrix& first_moment(std::size_t i) const { return m_.at(i); }   ///< m of parameter i
   const Matrix& second_moment(std::size_t i) const { return v_.at(i); }  ///< v of parameter i
+
+  /// Restores a resumed run's state (save_optimizer_state / load_optimizer_state in
+  /// optimizer_state.hpp do it through a file): the step count and m, v per parameter, shaped as
+  /// the parameters. The next step() then continues bit for bit as the saved run would have.
+  /// Throws std::invalid_argument (the optimizer unchanged) for a negative count, a wrong number
+  /// of tensors or a shape that differs from its parameter's.
+  void load_state(long long step_count, const std::vector<Matrix>& m,
+                  const std::vector<Matrix>& v) {
+    constexpr const char* where = "lora::AdamW::load_state";
+    detail::require(step_count >= 0, where, ": the step count must be >= 0, got ", step_count);
+    detail::require(m.size() == params_.size() && v.size() == params_.size(), where, ": ",
+                    params_.size(), " parameters but ", m.size(), " first and ", v.size(),
+                    " second moments");
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      detail::require_shape(where, "a first moment", m[i], params_[i].value.rows(),
+                            params_[i].value.cols());
+      detail::require_shape(where, "a second moment", v[i], params_[i].value.rows(),
+                            params_[i].value.cols());
+    }
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      m_[i] = m[i];  // same shapes: copies into the existing storage
+      v_[i] = v[i];
+    }
+    steps_ = step_count;
+  }
 
  private:
   std::vector<ParameterView<T>> params_;

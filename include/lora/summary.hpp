@@ -6,10 +6,12 @@
 #include <Eigen/Core>
 
 #include <cstdio>
+#include <map>
 #include <ostream>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 namespace lora {
 
@@ -77,6 +79,35 @@ ParameterSummary summary(const Layers& layers) {
     s.total += l.trainable_parameter_count() + l.frozen_parameter_count();
   }
   return s;
+}
+
+/// One layer's parameter counts, taken from a layer or a pointer to one (LoRALinear or
+/// MultiLoRALinear, any scalar and storage), for the braced-list summary():
+/// `summary({{"fc1", &fc1}, {"fc2", &fc2}})`. Throws std::invalid_argument for a null pointer.
+class LayerCounts {
+ public:
+  /// Counts `layer` (a layer, or a pointer to one) now.
+  template <typename L, typename = decltype(detail::deref_layer(std::declval<const L&>())
+                                                .frozen_parameter_count())>
+  LayerCounts(const L& layer)  // NOLINT(google-explicit-constructor): braced lists need it
+  {
+    if constexpr (std::is_pointer_v<L>)
+      if (layer == nullptr) throw std::invalid_argument("lora::summary: a layer given is null");
+    const auto& l = detail::deref_layer(layer);
+    trainable_ = l.trainable_parameter_count();
+    frozen_ = l.frozen_parameter_count();
+  }
+  Eigen::Index trainable_parameter_count() const { return trainable_; }  ///< the adapters'
+  Eigen::Index frozen_parameter_count() const { return frozen_; }        ///< W0's and the bias's
+
+ private:
+  Eigen::Index trainable_ = 0, frozen_ = 0;
+};
+
+/// summary() for a braced list of layers or pointers to them, as save_adapter takes:
+/// `std::cout << lora::summary({{"fc1", &fc1}, {"fc2", &fc2}})`.
+inline ParameterSummary summary(const std::map<std::string, LayerCounts>& layers) {
+  return summary<std::map<std::string, LayerCounts>>(layers);
 }
 
 }  // namespace lora

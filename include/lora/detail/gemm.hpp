@@ -150,6 +150,22 @@ void gemm_split(Eigen::Index rows, Eigen::Index cols, Eigen::Index depth,
   });
 }
 
+/// The four kernel drivers of one scalar, as explicit instantiations (`PREFIX` is `template`) or
+/// declarations (`extern template`): see lora/extern_templates.hpp.
+#define LORA_GEMM_SPLIT_TEMPLATES(PREFIX, T)                                         \
+  PREFIX void lora::detail::gemm_split<T, false, false>(                             \
+      Eigen::Index, Eigen::Index, Eigen::Index, const lora::detail::GemmOperand<T>&, \
+      const lora::detail::GemmOperand<T>&, T*, Eigen::Index, T, int);                \
+  PREFIX void lora::detail::gemm_split<T, false, true>(                              \
+      Eigen::Index, Eigen::Index, Eigen::Index, const lora::detail::GemmOperand<T>&, \
+      const lora::detail::GemmOperand<T>&, T*, Eigen::Index, T, int);                \
+  PREFIX void lora::detail::gemm_split<T, true, false>(                              \
+      Eigen::Index, Eigen::Index, Eigen::Index, const lora::detail::GemmOperand<T>&, \
+      const lora::detail::GemmOperand<T>&, T*, Eigen::Index, T, int);                \
+  PREFIX void lora::detail::gemm_split<T, true, true>(                               \
+      Eigen::Index, Eigen::Index, Eigen::Index, const lora::detail::GemmOperand<T>&, \
+      const lora::detail::GemmOperand<T>&, T*, Eigen::Index, T, int);
+
 #endif  // !LORA_GEMM_USE_EIGEN_PRODUCTS
 
 /// C += alpha * L * R (C column-major with inner stride 1; L and R column-major matrices, maps,
@@ -197,3 +213,10 @@ void gemm_add(CType&& C, const LType& Lx, const RType& Rx, typename LType::Scala
 }
 
 }  // namespace lora::detail
+
+// Compiled mode (LORA_EXTERN_TEMPLATES, lora::lora_compiled): the drivers are compiled once in the
+// library. Declared here, before any lora header uses them.
+#if defined(LORA_EXTERN_TEMPLATES) && !defined(LORA_GEMM_USE_EIGEN_PRODUCTS)
+LORA_GEMM_SPLIT_TEMPLATES(extern template, float)
+LORA_GEMM_SPLIT_TEMPLATES(extern template, double)
+#endif

@@ -96,44 +96,50 @@ void match_base(const AdapterFile<T>& file, const BaseWeights<T>& weights,
 /// bias from `biases` where given, and the adapter (rank, scaling, lora bias, weights) from the
 /// file. The base weights must name exactly the file's modules, with shapes that fit: otherwise
 /// FormatError names the module (and the closest names, for a typo); a bias of the wrong length
-/// or for an unknown module throws std::invalid_argument. Other errors as read_adapter. Returns
-/// the layers by module path (W0 in the default DenseFrozenWeight<T>).
-template <typename T>
-std::map<std::string, LoRALinear<T>> make_layers(const std::string& dir,
-                                                 const BaseWeights<T>& base_weights,
-                                                 const BaseBiases<T>& biases = {},
-                                                 const ReadOptions& options = {}) {
+/// or for an unknown module throws std::invalid_argument. Other errors as read_adapter.
+///
+/// `Frozen` is the storage each W0 is put in (DenseFrozenWeight<T> by default), built as
+/// `Frozen(W0, storage_args...)`: so a QLoRA user writes
+/// `make_layers<float, Nf4FrozenWeight>(dir, weights)`, or with the storage's options
+/// `make_layers<float, Bf16FrozenWeight>(dir, weights, {}, {}, MergeMode::ExactRestore,
+/// Bf16Backend::Portable)`. A storage's own errors (an NF4 W0 holding NaN, say) propagate.
+/// Returns the layers by module path.
+template <typename T, typename Frozen = DenseFrozenWeight<T>, typename... StorageArgs>
+std::map<std::string, LoRALinear<T, Frozen>> make_layers(const std::string& dir,
+                                                         const BaseWeights<T>& base_weights,
+                                                         const BaseBiases<T>& biases = {},
+                                                         const ReadOptions& options = {},
+                                                         const StorageArgs&... storage_args) {
   const AdapterFile<T> file = read_adapter<T>(dir, options);
   detail::match_base(file, base_weights, biases, dir);
-  std::map<std::string, LoRALinear<T>> layers;
+  using Layer = LoRALinear<T, Frozen>;
+  std::map<std::string, Layer> layers;
   for (const auto& [path, adapter] : file.modules) {
     const auto bias = biases.find(path);
-    LoRALinear<T> layer(base_weights.at(path),
-                        bias == biases.end() ? typename LoRALinear<T>::Vector() : bias->second,
-                        adapter.config());
+    Layer layer(Frozen(base_weights.at(path), storage_args...),
+                bias == biases.end() ? typename Layer::Vector() : bias->second, adapter.config());
     layer.replace_adapter(adapter);
     layers.emplace(path, std::move(layer));
   }
   return layers;
 }
 
-/// As make_layers, building MultiLoRALinear layers that hold the file's adapter under `name`,
-/// active; more task adapters can then be added (load_adapter with a name) and switched with
-/// set_active.
-template <typename T>
-std::map<std::string, MultiLoRALinear<T>> make_multi_layers(const std::string& dir,
-                                                            const BaseWeights<T>& base_weights,
-                                                            const std::string& name,
-                                                            const BaseBiases<T>& biases = {},
-                                                            const ReadOptions& options = {}) {
+/// As make_layers, building MultiLoRALinear layers (W0 in `Frozen`, built from `storage_args` as
+/// there) that hold the file's adapter under `name`, active; more task adapters can then be added
+/// (load_adapter with a name) and switched with set_active.
+template <typename T, typename Frozen = DenseFrozenWeight<T>, typename... StorageArgs>
+std::map<std::string, MultiLoRALinear<T, Frozen>> make_multi_layers(
+    const std::string& dir, const BaseWeights<T>& base_weights, const std::string& name,
+    const BaseBiases<T>& biases = {}, const ReadOptions& options = {},
+    const StorageArgs&... storage_args) {
   AdapterFile<T> file = read_adapter<T>(dir, options);
   detail::match_base(file, base_weights, biases, dir);
-  std::map<std::string, MultiLoRALinear<T>> layers;
+  using Layer = MultiLoRALinear<T, Frozen>;
+  std::map<std::string, Layer> layers;
   for (auto& [path, adapter] : file.modules) {
     const auto bias = biases.find(path);
-    MultiLoRALinear<T> layer(base_weights.at(path), bias == biases.end()
-                                                        ? typename MultiLoRALinear<T>::Vector()
-                                                        : bias->second);
+    Layer layer(Frozen(base_weights.at(path), storage_args...),
+                bias == biases.end() ? typename Layer::Vector() : bias->second);
     layer.add_adapter(name, std::move(adapter));
     layer.set_active(name);
     layers.emplace(path, std::move(layer));
