@@ -68,6 +68,16 @@ class MultiLoRALinear : public AdapterLayer<T, Frozen> {
   Adapter& add_adapter(const std::string& name, const LoRAConfig& cfg) {
     return activate_if_first(Core::add_adapter(name, cfg), name);
   }
+  /// As above for a PiSSA, OLoRA or LoftQ config, factoring `original`: the full-precision W0
+  /// the storage was built from (d x k); see AdapterLayer::add_adapter.
+  Adapter& add_adapter(const std::string& name, const LoRAConfig& cfg,
+                       const Eigen::Ref<const Matrix>& original) {
+    return activate_if_first(Core::add_adapter(name, cfg, original), name);
+  }
+  /// As above, forming the residual in `original` itself (a d x k matrix the caller gives up).
+  Adapter& add_adapter(const std::string& name, const LoRAConfig& cfg, Matrix&& original) {
+    return activate_if_first(Core::add_adapter(name, cfg, std::move(original)), name);
+  }
   /// Adds `adapter` (for this layer's d x k weight, e.g. one loaded from a file) under `name`,
   /// activating it when it is the layer's first, as above.
   Adapter& add_adapter(const std::string& name, Adapter adapter) {
