@@ -205,6 +205,9 @@ TEST(MultiLoRA, ErrorsNameWhatWasWrong) {
         std::string::npos)
         << e.what();
   }
+  // The first adapter added is active (as PEFT); with none active, active_name() refuses.
+  EXPECT_EQ(layer.active_name(), "a");
+  layer.disable();
   EXPECT_THROW(layer.active_name(), std::logic_error);
 }
 
