@@ -55,7 +55,8 @@ void BM_LlamaTrainStepOn(benchmark::State& state) {
   std::size_t base_bytes = 0;
   for (int l = 0; l < cfg.n_layer; ++l)
     for (int p = 0; p < llama::kProjections; ++p)
-      base_bytes += model.projection(l, static_cast<llama::Proj>(p)).layer().frozen().stored_bytes();
+      base_bytes +=
+          model.projection(l, static_cast<llama::Proj>(p)).layer().frozen().stored_bytes();
   auto params = model.parameters();
   lora::AdamW<float> optimizer(params, lora::AdamWOptions{});
   std::vector<int> tokens(static_cast<std::size_t>(kBatch) * kSeqLen);
@@ -75,9 +76,15 @@ void BM_LlamaTrainStepOn(benchmark::State& state) {
   state.counters["peak_rss_mb"] = peak_rss_mb();
 }
 
-void BM_LlamaTrainStep(benchmark::State& s) { BM_LlamaTrainStepOn<lora::DenseFrozenWeight<float>>(s); }
-void BM_LlamaTrainStepBf16(benchmark::State& s) { BM_LlamaTrainStepOn<lora::Bf16FrozenWeight>(s); }
-void BM_LlamaTrainStepNf4(benchmark::State& s) { BM_LlamaTrainStepOn<lora::Nf4FrozenWeight>(s); }
+void BM_LlamaTrainStep(benchmark::State& s) {
+  BM_LlamaTrainStepOn<lora::DenseFrozenWeight<float>>(s);
+}
+void BM_LlamaTrainStepBf16(benchmark::State& s) {
+  BM_LlamaTrainStepOn<lora::Bf16FrozenWeight>(s);
+}
+void BM_LlamaTrainStepNf4(benchmark::State& s) {
+  BM_LlamaTrainStepOn<lora::Nf4FrozenWeight>(s);
+}
 
 BENCHMARK(BM_LlamaTrainStep)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_LlamaTrainStepBf16)->Unit(benchmark::kMillisecond)->UseRealTime();

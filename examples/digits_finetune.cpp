@@ -523,8 +523,9 @@ int main(int argc, char** argv) {
       return run<lora::Nf4FrozenWeight>(s);
     }
     if (s.base == "q4_k") {
-      std::printf("LoRA models on a Q4_K frozen base (llama.cpp's blocks, rows padded to 256; %s)\n",
-                  lora::GgmlFrozenWeight::backend_report().c_str());
+      std::printf(
+          "LoRA models on a Q4_K frozen base (llama.cpp's blocks, rows padded to 256; %s)\n",
+          lora::GgmlFrozenWeight::backend_report().c_str());
       return run<Q4KFrozenWeight>(s);
     }
     if (s.base == "bf16") {

@@ -223,8 +223,9 @@ TEST(Concurrency, AdapterStoreServesMixedBatchesWhileAdaptersLoadEvictAndSwap) {
         for (int j = 0; j < kColumns; ++j) {
           const auto r = rng.next() % 100;
           // Mostly hot adapters (hits, swaps), some cold ones (loads that evict), a few bases.
-          ids[j] = r < 5 ? -1 : r < 75 ? static_cast<int>(rng.next() % 96)
-                                       : static_cast<int>(rng.next() % kRegistered);
+          ids[j] = r < 5    ? -1
+                   : r < 75 ? static_cast<int>(rng.next() % 96)
+                            : static_cast<int>(rng.next() % kRegistered);
           before[j] = ids[j] < 0 ? 0 : committed[ids[j]].load();
         }
         store.forward_mixed(base, bias, "proj", X, ids, H, ws);

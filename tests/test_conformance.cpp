@@ -212,14 +212,15 @@ using Storages = ::testing::Types<
 #endif
     >;
 #elif defined(LORA_CONFORMANCE_ONEDNN_ONLY) && defined(LORA_WITH_ONEDNN)
-// test_bf16_onednn: the oneDNN back ends alone (lora_tests runs every other configuration; compiling
-// them twice doubled this file's share of CI's build).
-using Storages = ::testing::Types<
-    Single<Nf4<lora::Nf4Backend::OneDnn>>, Multi<Nf4<lora::Nf4Backend::OneDnn>>,
-    Single<Bf16<MergeMode::ExactRestore, Bf16Backend::OneDnn>>,
-    Multi<Bf16<MergeMode::ExactRestore, Bf16Backend::OneDnn>>,
-    Single<OneDnnF32<MergeMode::InPlace>>, Multi<OneDnnF32<MergeMode::InPlace>>,
-    Single<OneDnnF32<MergeMode::ExactRestore>>, Multi<OneDnnF32<MergeMode::ExactRestore>>>;
+// test_bf16_onednn: the oneDNN back ends alone (lora_tests runs every other configuration;
+// compiling them twice doubled this file's share of CI's build).
+using Storages =
+    ::testing::Types<Single<Nf4<lora::Nf4Backend::OneDnn>>, Multi<Nf4<lora::Nf4Backend::OneDnn>>,
+                     Single<Bf16<MergeMode::ExactRestore, Bf16Backend::OneDnn>>,
+                     Multi<Bf16<MergeMode::ExactRestore, Bf16Backend::OneDnn>>,
+                     Single<OneDnnF32<MergeMode::InPlace>>, Multi<OneDnnF32<MergeMode::InPlace>>,
+                     Single<OneDnnF32<MergeMode::ExactRestore>>,
+                     Multi<OneDnnF32<MergeMode::ExactRestore>>>;
 #else
 using Storages = ::testing::Types<
     Single<Dense<float, MergeMode::InPlace>>, Multi<Dense<float, MergeMode::InPlace>>,

@@ -36,7 +36,9 @@ Eigen::MatrixXd example_log_probs(llama::Model<float>& model, const std::vector<
   return out;
 }
 
-std::vector<llama_token> to_llama(const std::vector<int>& t) { return {t.begin(), t.end()}; }
+std::vector<llama_token> to_llama(const std::vector<int>& t) {
+  return {t.begin(), t.end()};
+}
 
 // Held-out sequences of both kinds of text (byte tokens), fixed here.
 std::vector<std::vector<int>> sequences() {
@@ -105,8 +107,8 @@ TEST(LlamaExample, PerplexityDropIsTheOneLlamaCppMeasures) {
   std::ifstream in(kDir + "/llama_demo.json");
   ASSERT_TRUE(in) << "run llama_finetune --demo --quick --out " << kDir << " first";
   const auto report = nlohmann::json::parse(in);
-  const double reported = report["adapter_poetry_ppl"].get<double>() /
-                          report["base_poetry_ppl"].get<double>();
+  const double reported =
+      report["adapter_poetry_ppl"].get<double>() / report["base_poetry_ppl"].get<double>();
   const int L = report["eval_windows"]["seq_len"].get<int>();
   const int count = report["eval_windows"]["count"].get<int>();
   const auto windows = llama::eval_windows(llama::poetry_corpus().held_out, L, count);

@@ -87,7 +87,8 @@ TEST(LlamaModel, LoRAGradientsMatchFiniteDifferences) {
   // B = 0 after adapt(): give B values so that dA is not zero and B's paths are exercised.
   for (int l = 0; l < 2; ++l)
     for (int p = 0; p < llama::kProjections; ++p)
-      lora::fill_normal(model.projection(l, static_cast<llama::Proj>(p)).layer().B(), rng, 0.0, 0.3);
+      lora::fill_normal(model.projection(l, static_cast<llama::Proj>(p)).layer().B(), rng, 0.0,
+                        0.3);
   // Only A and B train: 2 blocks x 7 projections x 2 tensors.
   EXPECT_EQ(model.parameters().size(), 28u);
   expect_gradients_match_finite_differences(model);
@@ -150,8 +151,9 @@ Eigen::VectorXd reference_logits(Model& m, const std::vector<int>& seq, int pos)
         std::vector<double> e;
         double z = 0;
         for (int j = 0; j <= t; ++j) {
-          e.push_back(std::exp(q[static_cast<std::size_t>(t)].segment(h * hd, hd).dot(
-                                   k[static_cast<std::size_t>(j)].segment(g * hd, hd)) /
+          e.push_back(std::exp(q[static_cast<std::size_t>(t)]
+                                   .segment(h * hd, hd)
+                                   .dot(k[static_cast<std::size_t>(j)].segment(g * hd, hd)) /
                                std::sqrt(static_cast<double>(hd))));
           z += e.back();
         }

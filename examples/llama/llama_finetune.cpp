@@ -2,11 +2,11 @@
 // files that llama.cpp loads as they are.
 //
 //   llama_finetune --demo [--quick] [--out DIR]
-//       Pretrains a small byte-level llama on the historical books of the King James Bible (Debian's
-//       bible-kjv), writes it as DIR/base.gguf; LoRA fine-tunes it (r = 8 on all seven projections)
-//       on its poetry (Psalms to the Song of Solomon), writes DIR/adapter.gguf; prints held-out
-//       perplexity on both texts for the base, LoRA at r = 1 ... 16 and full fine-tuning, and
-//       greedy continuations; writes DIR/llama_demo.json.
+//       Pretrains a small byte-level llama on the historical books of the King James Bible
+//       (Debian's bible-kjv), writes it as DIR/base.gguf; LoRA fine-tunes it (r = 8 on all seven
+//       projections) on its poetry (Psalms to the Song of Solomon), writes DIR/adapter.gguf; prints
+//       held-out perplexity on both texts for the base, LoRA at r = 1 ... 16 and full fine-tuning,
+//       and greedy continuations; writes DIR/llama_demo.json.
 //   llama_finetune --model M.gguf [--lora A.gguf] --score "1 5 6 7 8"
 //       Prints, as one JSON array, the natural-log probabilities of every vocabulary token at the
 //       position after the last given token.
@@ -101,13 +101,18 @@ int run_demo(bool quick, const std::string& out_dir) {
 
   json report;
   report["command"] = std::string("llama_finetune --demo") + (quick ? " --quick" : "");
-  report["config"] = {{"n_vocab", cfg.n_vocab}, {"n_embd", cfg.n_embd},     {"n_layer", cfg.n_layer},
-                      {"n_head", cfg.n_head},   {"n_head_kv", cfg.n_head_kv}, {"n_ff", cfg.n_ff},
+  report["config"] = {{"n_vocab", cfg.n_vocab},     {"n_embd", cfg.n_embd},
+                      {"n_layer", cfg.n_layer},     {"n_head", cfg.n_head},
+                      {"n_head_kv", cfg.n_head_kv}, {"n_ff", cfg.n_ff},
                       {"n_ctx", cfg.n_ctx}};
-  report["texts"] = {{"base", {{"name", prose.name}, {"train_bytes", prose.train.size()},
-                               {"held_out_bytes", prose.held_out.size()}}},
-                     {"adapter", {{"name", poetry.name}, {"train_bytes", poetry.train.size()},
-                                  {"held_out_bytes", poetry.held_out.size()}}}};
+  report["texts"] = {{"base",
+                      {{"name", prose.name},
+                       {"train_bytes", prose.train.size()},
+                       {"held_out_bytes", prose.held_out.size()}}},
+                     {"adapter",
+                      {{"name", poetry.name},
+                       {"train_bytes", poetry.train.size()},
+                       {"held_out_bytes", poetry.held_out.size()}}}};
 
   lora::Rng init_rng(42);
   Model base(cfg, init_rng);
@@ -116,7 +121,8 @@ int run_demo(bool quick, const std::string& out_dir) {
   const llama::TrainResult pre_result = llama::train(base, prose.train, pre);
   std::printf("  %.1f s, %.0f tokens/s, final training loss %.3f\n", pre_result.seconds,
               pre_result.tokens / pre_result.seconds, pre_result.final_loss);
-  report["pretraining"] = {{"steps", pre.steps}, {"seconds", pre_result.seconds},
+  report["pretraining"] = {{"steps", pre.steps},
+                           {"seconds", pre_result.seconds},
                            {"tokens_per_s", pre_result.tokens / pre_result.seconds}};
   llama::write_model_gguf(out_dir + "/base.gguf", base, "lora llama demo base (KJV prose)");
   Model pretrained = base;  // every weight trainable: the start of full fine-tuning
@@ -125,7 +131,9 @@ int run_demo(bool quick, const std::string& out_dir) {
   const double base_prose = llama::perplexity(base, prose_eval);
   const double base_poetry = llama::perplexity(base, poetry_eval);
   json rows = json::array();
-  rows.push_back({{"model", "base"}, {"trainable", 0}, {"poetry_ppl", base_poetry},
+  rows.push_back({{"model", "base"},
+                  {"trainable", 0},
+                  {"poetry_ppl", base_poetry},
                   {"prose_ppl", base_prose}});
   std::printf("\n%-22s %12s %14s %14s %9s\n", "model", "trainable", "poetry ppl", "prose ppl",
               "seconds");
@@ -156,8 +164,8 @@ int run_demo(bool quick, const std::string& out_dir) {
                     {"seconds", r.seconds},
                     {"tokens_per_s", r.tokens / r.seconds}});
     if (disabled_prose != base_prose) {
-      std::cerr << "error: the adapter-disabled model is not the base (" << disabled_prose
-                << " vs " << base_prose << ")\n";
+      std::cerr << "error: the adapter-disabled model is not the base (" << disabled_prose << " vs "
+                << base_prose << ")\n";
       return 1;
     }
     if (rank == 8) {
@@ -177,10 +185,13 @@ int run_demo(bool quick, const std::string& out_dir) {
   const llama::TrainResult fr = llama::train(full, poetry.train, fine);
   const double full_poetry = llama::perplexity(full, poetry_eval);
   const double full_prose = llama::perplexity(full, prose_eval);
-  std::printf("%-22s %12lld %14.3f %14.3f %9.1f\n", "full fine-tuning", full_trainable,
-              full_poetry, full_prose, fr.seconds);
-  rows.push_back({{"model", "full fine-tuning"}, {"trainable", full_trainable},
-                  {"poetry_ppl", full_poetry}, {"prose_ppl", full_prose}, {"seconds", fr.seconds},
+  std::printf("%-22s %12lld %14.3f %14.3f %9.1f\n", "full fine-tuning", full_trainable, full_poetry,
+              full_prose, fr.seconds);
+  rows.push_back({{"model", "full fine-tuning"},
+                  {"trainable", full_trainable},
+                  {"poetry_ppl", full_poetry},
+                  {"prose_ppl", full_prose},
+                  {"seconds", fr.seconds},
                   {"tokens_per_s", fr.tokens / fr.seconds}});
   report["table"] = rows;
   report["base_prose_ppl"] = base_prose;
@@ -192,8 +203,8 @@ int run_demo(bool quick, const std::string& out_dir) {
               printable(report["generated"]["base"].get<std::string>()).c_str(),
               printable(report["generated"]["lora_r8"].get<std::string>()).c_str());
   std::ofstream(out_dir + "/llama_demo.json") << report.dump(2) << "\n";
-  std::cout << "\nWrote " << out_dir << "/base.gguf, " << out_dir << "/adapter.gguf and "
-            << out_dir << "/llama_demo.json\n"
+  std::cout << "\nWrote " << out_dir << "/base.gguf, " << out_dir << "/adapter.gguf and " << out_dir
+            << "/llama_demo.json\n"
             << "llama.cpp: llama-cli -m " << out_dir << "/base.gguf --lora " << out_dir
             << "/adapter.gguf\n";
   return 0;
@@ -225,8 +236,8 @@ int run_train(const std::string& model_path, const std::string& tokens_path,
   o.seq_len = std::min(o.seq_len, model.config().n_ctx);
   model.adapt(lora_config(rank, 1), kAllProjections);
   const auto r = llama::train(model, tokens, o);
-  std::printf("%d steps, %.0f tokens/s, final training loss %.4f\n", o.steps,
-              r.tokens / r.seconds, r.final_loss);
+  std::printf("%d steps, %.0f tokens/s, final training loss %.4f\n", o.steps, r.tokens / r.seconds,
+              r.final_loss);
   llama::write_adapter_gguf(lora_out, model);
   std::cout << "wrote " << lora_out << "\n";
   return 0;
@@ -246,19 +257,32 @@ int main(int argc, char** argv) {
         if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value");
         return argv[++i];
       };
-      if (a == "--demo") demo = true;
-      else if (a == "--quick") quick = true;
-      else if (a == "--out") out = value();
-      else if (a == "--model") model = value();
-      else if (a == "--lora") lora = value();
-      else if (a == "--score") score = value();
-      else if (a == "--train") train_file = value();
-      else if (a == "--lora-out") lora_out = value();
-      else if (a == "--rank") rank = std::stoi(value());
-      else if (a == "--steps") o.steps = std::stoi(value());
-      else if (a == "--seq-len") o.seq_len = std::stoi(value());
-      else if (a == "--batch") o.batch = std::stoi(value());
-      else if (a == "--lr") o.lr = std::stod(value());
+      if (a == "--demo")
+        demo = true;
+      else if (a == "--quick")
+        quick = true;
+      else if (a == "--out")
+        out = value();
+      else if (a == "--model")
+        model = value();
+      else if (a == "--lora")
+        lora = value();
+      else if (a == "--score")
+        score = value();
+      else if (a == "--train")
+        train_file = value();
+      else if (a == "--lora-out")
+        lora_out = value();
+      else if (a == "--rank")
+        rank = std::stoi(value());
+      else if (a == "--steps")
+        o.steps = std::stoi(value());
+      else if (a == "--seq-len")
+        o.seq_len = std::stoi(value());
+      else if (a == "--batch")
+        o.batch = std::stoi(value());
+      else if (a == "--lr")
+        o.lr = std::stod(value());
       else if (a == "--help" || a == "-h") {
         std::cout << kUsage;
         return 0;
@@ -268,7 +292,8 @@ int main(int argc, char** argv) {
     }
     if (demo) return run_demo(quick, out);
     if (!model.empty() && !score.empty()) return run_score(model, lora, score);
-    if (!model.empty() && !train_file.empty()) return run_train(model, train_file, lora_out, rank, o);
+    if (!model.empty() && !train_file.empty())
+      return run_train(model, train_file, lora_out, rank, o);
     std::cerr << kUsage;
     return 2;
   } catch (const std::exception& e) {

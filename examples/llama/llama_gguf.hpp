@@ -27,13 +27,13 @@ inline Config read_config(const lora::io::GgufFile& f) {
   c.n_layer = static_cast<int>(f.get<std::uint32_t>("llama.block_count"));
   c.n_ff = static_cast<int>(f.get<std::uint32_t>("llama.feed_forward_length"));
   c.n_head = static_cast<int>(f.get<std::uint32_t>("llama.attention.head_count"));
-  c.n_head_kv = static_cast<int>(
-      f.get_or<std::uint32_t>("llama.attention.head_count_kv", static_cast<std::uint32_t>(c.n_head)));
+  c.n_head_kv = static_cast<int>(f.get_or<std::uint32_t>("llama.attention.head_count_kv",
+                                                         static_cast<std::uint32_t>(c.n_head)));
   c.n_ctx = static_cast<int>(f.get<std::uint32_t>("llama.context_length"));
   c.rms_eps = f.get<float>("llama.attention.layer_norm_rms_epsilon");
   c.rope_base = f.get_or<float>("llama.rope.freq_base", 10000.0f);
-  const auto rot = f.get_or<std::uint32_t>("llama.rope.dimension_count",
-                                           static_cast<std::uint32_t>(c.n_embd / std::max(1, c.n_head)));
+  const auto rot = f.get_or<std::uint32_t>(
+      "llama.rope.dimension_count", static_cast<std::uint32_t>(c.n_embd / std::max(1, c.n_head)));
   if (static_cast<int>(rot) != c.n_embd / std::max(1, c.n_head))
     throw lora::io::FormatError("llama_finetune: \"" + f.source() +
                                 "\": partial rotary embedding (rope.dimension_count " +
@@ -50,13 +50,16 @@ Model<float, Frozen> read_model_gguf(const std::string& path) {
   const Config c = read_config(f);
   Weights<float> w;
   w.token_embd = f.matrix<float>("token_embd.weight").transpose();  // n_vocab x E -> E x n_vocab
-  w.output_norm = Eigen::Map<const Eigen::VectorXf>(f.values<float>("output_norm.weight").data(), c.n_embd);
+  w.output_norm =
+      Eigen::Map<const Eigen::VectorXf>(f.values<float>("output_norm.weight").data(), c.n_embd);
   if (f.contains("output.weight")) w.output = f.matrix<float>("output.weight");
   for (int l = 0; l < c.n_layer; ++l) {
     const std::string at = "blk." + std::to_string(l) + ".";
     Weights<float>::Block b;
-    b.attn_norm = Eigen::Map<const Eigen::VectorXf>(f.values<float>(at + "attn_norm.weight").data(), c.n_embd);
-    b.ffn_norm = Eigen::Map<const Eigen::VectorXf>(f.values<float>(at + "ffn_norm.weight").data(), c.n_embd);
+    b.attn_norm = Eigen::Map<const Eigen::VectorXf>(f.values<float>(at + "attn_norm.weight").data(),
+                                                    c.n_embd);
+    b.ffn_norm =
+        Eigen::Map<const Eigen::VectorXf>(f.values<float>(at + "ffn_norm.weight").data(), c.n_embd);
     for (int p = 0; p < kProjections; ++p)
       b.proj[p] = f.matrix<float>(at + gguf_name(static_cast<Proj>(p)) + ".weight");
     w.blocks.push_back(std::move(b));
@@ -71,7 +74,8 @@ void write_model_gguf(const std::string& path, const Model<float, Frozen>& model
                       const std::string& name) {
   const Config& c = model.config();
   if (c.n_vocab != kByteVocab)
-    throw std::invalid_argument("llama_finetune: only the byte-level vocabulary (259 tokens) is written");
+    throw std::invalid_argument(
+        "llama_finetune: only the byte-level vocabulary (259 tokens) is written");
   lora::io::GgufWriter w;
   w.set_value("general.architecture", std::string("llama"));
   w.set_value("general.name", name);
@@ -155,13 +159,15 @@ void apply_adapter_gguf(Model<float, Frozen>& model, const std::string& path) {
   for (int p = 0; p < kProjections; ++p) {
     const std::string suffix = std::string(".") + gguf_name(static_cast<Proj>(p)) + ".weight";
     for (const auto& [name, adapter] : file.modules)
-      if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      if (name.size() > suffix.size() &&
+          name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
         which.push_back(static_cast<Proj>(p));
         break;
       }
   }
   if (which.empty())
-    throw lora::io::FormatError("llama_finetune: \"" + path + "\" adapts none of the seven projections");
+    throw lora::io::FormatError("llama_finetune: \"" + path +
+                                "\" adapts none of the seven projections");
   model.adapt(file.modules.begin()->second.config(), which);
   // A projection adapted in some blocks only: those blocks' layers have no module in the file,
   // which load_adapter refuses (all-or-nothing) with the module's name.

@@ -86,8 +86,8 @@ inline const char* gguf_name(Proj p) {
 }
 
 /// One projection without bias (out x in), in one of three modes: trainable dense (pretraining,
-/// full fine-tuning), frozen (in `Frozen`, any lora storage: fp32, bf16, NF4, ...), or frozen with a
-/// LoRA adapter (lora::LoRALinear: only A and B train).
+/// full fine-tuning), frozen (in `Frozen`, any lora storage: fp32, bf16, NF4, ...), or frozen with
+/// a LoRA adapter (lora::LoRALinear: only A and B train).
 template <typename T, typename Frozen = lora::DenseFrozenWeight<T>>
 class Projection {
  public:
@@ -119,8 +119,12 @@ class Projection {
   Layer& layer() { return *lora_; }              ///< the LoRA layer (adapted() only)
   const Layer& layer() const { return *lora_; }  ///< the LoRA layer (adapted() only)
 
-  Eigen::Index rows() const { return lora_ ? lora_->out_features() : frozen_ ? frozen_->out_features() : W_.rows(); }
-  Eigen::Index cols() const { return lora_ ? lora_->in_features() : frozen_ ? frozen_->in_features() : W_.cols(); }
+  Eigen::Index rows() const {
+    return lora_ ? lora_->out_features() : frozen_ ? frozen_->out_features() : W_.rows();
+  }
+  Eigen::Index cols() const {
+    return lora_ ? lora_->in_features() : frozen_ ? frozen_->in_features() : W_.cols();
+  }
 
   /// The weight without the adapter: W, or the frozen W0 as stored (widened to T).
   Matrix base_weight() const {
@@ -234,8 +238,7 @@ class Model {
     if (w.output.size() != 0) require_shape("output", w.output, V, E);
     if (static_cast<int>(w.blocks.size()) != cfg_.n_layer)
       throw std::invalid_argument("llama::Model: " + std::to_string(w.blocks.size()) +
-                                  " blocks given, the config says " +
-                                  std::to_string(cfg_.n_layer));
+                                  " blocks given, the config says " + std::to_string(cfg_.n_layer));
     token_embd_ = std::move(w.token_embd);
     grad_token_embd_.setZero(E, V);
     output_norm_ = std::move(w.output_norm);
@@ -246,7 +249,8 @@ class Model {
       const std::string at = "blk." + std::to_string(l) + ".";
       require_shape(at + "attn_norm", b.attn_norm, E, 1);
       require_shape(at + "ffn_norm", b.ffn_norm, E, 1);
-      const Eigen::Index outs[] = {E, cfg_.n_embd_kv(), cfg_.n_embd_kv(), E, cfg_.n_ff, cfg_.n_ff, E};
+      const Eigen::Index outs[] = {E, cfg_.n_embd_kv(), cfg_.n_embd_kv(), E, cfg_.n_ff, cfg_.n_ff,
+                                   E};
       const Eigen::Index ins[] = {E, E, E, E, E, E, cfg_.n_ff};
       for (int p = 0; p < kProjections; ++p)
         require_shape(at + gguf_name(static_cast<Proj>(p)), b.proj[p], outs[p], ins[p]);
@@ -260,12 +264,20 @@ class Model {
   const Config& config() const { return cfg_; }
   bool tied_output() const { return !output_.has_value(); }
 
-  Proj_& projection(int layer, Proj p) { return blocks_[static_cast<std::size_t>(layer)].proj[static_cast<int>(p)]; }
-  const Proj_& projection(int layer, Proj p) const { return blocks_[static_cast<std::size_t>(layer)].proj[static_cast<int>(p)]; }
+  Proj_& projection(int layer, Proj p) {
+    return blocks_[static_cast<std::size_t>(layer)].proj[static_cast<int>(p)];
+  }
+  const Proj_& projection(int layer, Proj p) const {
+    return blocks_[static_cast<std::size_t>(layer)].proj[static_cast<int>(p)];
+  }
   const Matrix& token_embd() const { return token_embd_; }
   const Vector& output_norm() const { return output_norm_; }
-  const Vector& attn_norm(int layer) const { return blocks_[static_cast<std::size_t>(layer)].attn_norm; }
-  const Vector& ffn_norm(int layer) const { return blocks_[static_cast<std::size_t>(layer)].ffn_norm; }
+  const Vector& attn_norm(int layer) const {
+    return blocks_[static_cast<std::size_t>(layer)].attn_norm;
+  }
+  const Vector& ffn_norm(int layer) const {
+    return blocks_[static_cast<std::size_t>(layer)].ffn_norm;
+  }
   const Proj_* output() const { return output_ ? &*output_ : nullptr; }
 
   /// Freezes everything (embeddings, norms, projections, output) and puts LoRA adapters with
@@ -341,7 +353,8 @@ class Model {
     tokens_ = tokens;
     const Eigen::Index N = static_cast<Eigen::Index>(tokens.size());
     x0_.resize(cfg_.n_embd, N);
-    for (Eigen::Index j = 0; j < N; ++j) x0_.col(j) = token_embd_.col(tokens_[static_cast<std::size_t>(j)]);
+    for (Eigen::Index j = 0; j < N; ++j)
+      x0_.col(j) = token_embd_.col(tokens_[static_cast<std::size_t>(j)]);
     const Matrix* x = &x0_;
     for (auto& b : blocks_) {
       block_forward(b, *x);
@@ -387,7 +400,8 @@ class Model {
       output_->backward(final_n_, dlogits_, dn, ws_);
     } else {
       dn.noalias() = token_embd_ * dlogits_;
-      if (train_embeddings_and_norms_) grad_token_embd_.noalias() += final_n_ * dlogits_.transpose();
+      if (train_embeddings_and_norms_)
+        grad_token_embd_.noalias() += final_n_ * dlogits_.transpose();
     }
     const Matrix& last = blocks_.empty() ? x0_ : blocks_.back().out;
     g.resize(cfg_.n_embd, last.cols());
@@ -414,8 +428,8 @@ class Model {
     Proj_ proj[kProjections];
     // Activations of the last forward, kept for backward.
     Matrix n, q, k, v, attn, h, m, a, u, act, out;  // see the header comment
-    Vector r1, r2;                                   // rmsnorm's r per column
-    std::vector<Matrix> P;                           // softmax per (sequence, head): L x L
+    Vector r1, r2;                                  // rmsnorm's r per column
+    std::vector<Matrix> P;                          // softmax per (sequence, head): L x L
   };
 
   static void require_shape(const std::string& name, const Eigen::Ref<const Matrix>& m,
@@ -427,7 +441,8 @@ class Model {
   }
 
   void check_tokens(const std::vector<int>& tokens, int L) const {
-    if (L < 1 || L > cfg_.n_ctx || tokens.empty() || tokens.size() % static_cast<std::size_t>(L) != 0)
+    if (L < 1 || L > cfg_.n_ctx || tokens.empty() ||
+        tokens.size() % static_cast<std::size_t>(L) != 0)
       throw std::invalid_argument("llama::Model::forward: " + std::to_string(tokens.size()) +
                                   " tokens are not whole sequences of L = " + std::to_string(L) +
                                   " (1 <= L <= n_ctx = " + std::to_string(cfg_.n_ctx) + ")");
@@ -536,7 +551,7 @@ class Model {
     b.P.resize(static_cast<std::size_t>(S_) * cfg_.n_head);
     const T scale = T(1) / std::sqrt(static_cast<T>(hd));
     const int tasks = S_ * cfg_.n_head;
-LLAMA_PARALLEL_FOR
+    LLAMA_PARALLEL_FOR
     for (int t = 0; t < tasks; ++t) {
       const int s = t / cfg_.n_head, h = t % cfg_.n_head, g = h / group;
       const Eigen::Index c0 = static_cast<Eigen::Index>(s) * L_;
@@ -595,7 +610,7 @@ LLAMA_PARALLEL_FOR
                                dv = Matrix::Zero(cfg_.n_embd_kv(), N);
     const T scale = T(1) / std::sqrt(static_cast<T>(hd));
     const int tasks = S_ * cfg_.n_head_kv;  // one task per (sequence, kv head): no shared writes
-LLAMA_PARALLEL_FOR
+    LLAMA_PARALLEL_FOR
     for (int t = 0; t < tasks; ++t) {
       const int s = t / cfg_.n_head_kv, g_kv = t % cfg_.n_head_kv;
       const Eigen::Index c0 = static_cast<Eigen::Index>(s) * L_;

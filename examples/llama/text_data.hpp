@@ -28,7 +28,8 @@ inline std::vector<int> bytes_to_tokens(const std::string& text) {
 inline std::string tokens_to_bytes(const std::vector<int>& tokens) {
   std::string text;
   for (int t : tokens)
-    if (t >= kByteTokenOffset && t < kByteVocab) text.push_back(static_cast<char>(t - kByteTokenOffset));
+    if (t >= kByteTokenOffset && t < kByteVocab)
+      text.push_back(static_cast<char>(t - kByteTokenOffset));
   return text;
 }
 
@@ -65,7 +66,8 @@ struct Corpus {
 
 inline Corpus make_corpus(std::string name, const std::string& text, double held_out_fraction) {
   const std::vector<int> all = bytes_to_tokens(text);
-  const auto cut = static_cast<std::size_t>(static_cast<double>(all.size()) * (1.0 - held_out_fraction));
+  const auto cut =
+      static_cast<std::size_t>(static_cast<double>(all.size()) * (1.0 - held_out_fraction));
   return {std::move(name), std::vector<int>(all.begin(), all.begin() + static_cast<long>(cut)),
           std::vector<int>(all.begin() + static_cast<long>(cut), all.end())};
 }
@@ -80,7 +82,9 @@ inline Corpus poetry_corpus() {
 }
 
 /// The held-out windows the demo reports perplexity on.
-inline int demo_eval_windows(bool quick) { return quick ? 8 : 64; }
+inline int demo_eval_windows(bool quick) {
+  return quick ? 8 : 64;
+}
 
 /// S random windows of L tokens from `tokens`, concatenated (sequence s at s L ... s L + L - 1).
 inline std::vector<int> random_batch(const std::vector<int>& tokens, int S, int L, lora::Rng& rng) {
@@ -103,7 +107,8 @@ inline std::vector<std::vector<int>> eval_windows(const std::vector<int>& tokens
   std::vector<std::vector<int>> windows;
   const std::size_t count = tokens.size() / static_cast<std::size_t>(L);
   const std::size_t step = count > static_cast<std::size_t>(max_windows) ? count / max_windows : 1;
-  for (std::size_t w = 0; w < count && windows.size() < static_cast<std::size_t>(max_windows); w += step)
+  for (std::size_t w = 0; w < count && windows.size() < static_cast<std::size_t>(max_windows);
+       w += step)
     windows.emplace_back(tokens.begin() + static_cast<long>(w * L),
                          tokens.begin() + static_cast<long>((w + 1) * L));
   return windows;

@@ -27,9 +27,9 @@ struct TrainOptions {
 };
 
 struct TrainResult {
-  double final_loss = 0;   ///< mean training loss of the last 10% of steps
-  double seconds = 0;      ///< wall time of the steps
-  long long tokens = 0;    ///< tokens processed
+  double final_loss = 0;  ///< mean training loss of the last 10% of steps
+  double seconds = 0;     ///< wall time of the steps
+  long long tokens = 0;   ///< tokens processed
 };
 
 /// lr at step t (0-based) of n: linear warm-up over w steps, then cosine decay to 0.
@@ -98,9 +98,11 @@ Eigen::VectorXd next_token_log_probs(Model& model, const std::vector<int>& token
   const auto& logits = model.forward(tokens, static_cast<int>(tokens.size()));
   const Eigen::Index last = logits.cols() - 1;
   double m = -std::numeric_limits<double>::infinity();
-  for (Eigen::Index i = 0; i < logits.rows(); ++i) m = std::max(m, static_cast<double>(logits(i, last)));
+  for (Eigen::Index i = 0; i < logits.rows(); ++i)
+    m = std::max(m, static_cast<double>(logits(i, last)));
   double z = 0;
-  for (Eigen::Index i = 0; i < logits.rows(); ++i) z += std::exp(static_cast<double>(logits(i, last)) - m);
+  for (Eigen::Index i = 0; i < logits.rows(); ++i)
+    z += std::exp(static_cast<double>(logits(i, last)) - m);
   Eigen::VectorXd out(logits.rows());
   for (Eigen::Index i = 0; i < logits.rows(); ++i)
     out(i) = static_cast<double>(logits(i, last)) - m - std::log(z);

@@ -104,9 +104,8 @@ T clip_grad_norm(const std::vector<ParameterView<T>>& params, T max_norm) {
   if (!std::isfinite(norm) && amax > 0) {  // squares beyond double (T = double): scale them
     sum_sq = 0;
     for (const auto& p : params)
-      each_block(p, [&](const auto& g) {
-        sum_sq += (g.template cast<double>() / amax).squaredNorm();
-      });
+      each_block(
+          p, [&](const auto& g) { sum_sq += (g.template cast<double>() / amax).squaredNorm(); });
     norm = amax * std::sqrt(sum_sq);
   }
   if (!std::isfinite(norm)) {

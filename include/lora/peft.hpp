@@ -11,6 +11,6 @@
 #include "lora/peft/adapter_config.hpp"
 #include "lora/peft/adapter_io.hpp"
 #include "lora/peft/adapter_store.hpp"
-#include "lora/peft/hotswap.hpp"
 #include "lora/peft/embedding_experts_io.hpp"
+#include "lora/peft/hotswap.hpp"
 #include "lora/peft/make_layers.hpp"
