@@ -7,6 +7,7 @@
 // Each iteration builds a layer from a fresh copy of W0 (the copy is excluded from the time).
 // Arguments: d, k, r. Run by hand (seconds per iteration); CI only builds this binary.
 #include <benchmark/benchmark.h>
+#include <lora/base_init.hpp>
 #include <lora/core.hpp>
 #include <lora/nf4_frozen_weight.hpp>
 

@@ -23,6 +23,7 @@
 #include "digits/mlp.hpp"
 
 #include <lora/bf16_frozen_weight.hpp>
+#include <lora/base_init.hpp>
 #include <lora/core.hpp>
 #include <lora/ggml_frozen_weight.hpp>
 #include <lora/nf4_frozen_weight.hpp>

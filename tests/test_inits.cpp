@@ -6,6 +6,7 @@
 #include "test_helpers.hpp"
 
 #include <gtest/gtest.h>
+#include <lora/base_init.hpp>
 #include <lora/lora.hpp>
 
 #include <nlohmann/json.hpp>

@@ -18,7 +18,7 @@
 #include "lora/detail/finite.hpp"
 #include "lora/detail/gemm.hpp"
 #include "lora/detail/low_rank.hpp"
-#include "lora/init.hpp"
+#include "lora/adapter_init.hpp"
 #include "lora/parameter.hpp"
 #include "lora/random.hpp"
 #include "lora/workspace.hpp"

@@ -12,9 +12,9 @@
 #pragma once
 
 #include "lora/adapter.hpp"
-#include "lora/base_init.hpp"
 #include "lora/config.hpp"
 #include "lora/dense_frozen_weight.hpp"
+#include "lora/detail/base_init_hook.hpp"
 #include "lora/detail/check.hpp"
 #include "lora/detail/finite.hpp"
 #include "lora/detail/segmented_low_rank.hpp"
@@ -157,7 +157,8 @@ class AdapterLayer {
   /// measures them (O(d k), once: std::logic_error if the layer is merged then). A PiSSA, OLoRA or
   /// LoftQ adapter whose init_pending() takes its factors from W0, and W0 becomes the residual
   /// (lora/init.hpp): the base is shared, so every adapter of the layer sees the new W0, as in
-  /// PEFT. Throws std::logic_error for that while merged.
+  /// PEFT. Throws std::logic_error for that while merged, or when the program does not include
+  /// <lora/base_init.hpp> in any of its files (which compiles those inits).
   Adapter& add_adapter(const std::string& name, Adapter adapter) {
     return add_adapter_from(name, std::move(adapter), nullptr);
   }
@@ -980,7 +981,7 @@ class AdapterLayer {
   void prepare_base_init(const detail::Where& where, Adapter& a,
                          const Eigen::Ref<const Matrix>* original, Matrix* owned = nullptr) {
     if (!a.init_pending()) return;
-    detail::apply_base_init<T>(where, frozen_, a, original, owned);
+    detail::run_base_init<T>(where, frozen_, a, original, owned);
     forget_tape();
     if (w0_sq_norms_.size() != 0) {
       Eigen::VectorXd norms(out_features());

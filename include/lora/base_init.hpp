@@ -1,12 +1,23 @@
 // Where PiSSA, OLoRA and LoftQ meet a layer: a pending adapter (LoRAAdapter::init_pending) takes
 // its factors from the layer's W0 and the frozen storage is rebased to the residual
-// (frozen_storage.hpp's rebase). The layer calls apply_base_init when the adapter joins; the
-// arithmetic is in lora/init.hpp.
+// (frozen_storage.hpp's rebase). The arithmetic is in lora/init.hpp.
+//
+// Include this header in one source file of a program that uses those inits: it compiles them
+// (Eigen's SVD: seconds of compile time, which files that never use them are spared) and registers
+// them with the layers of every storage lora ships (detail/base_init_hook.hpp); a layer whose
+// adapter needs them throws std::logic_error in a program that does not include it. A storage of
+// your own: call lora::register_base_inits<T, Storage>() once, before its layers take such an
+// adapter.
 #pragma once
 
 #include "lora/adapter.hpp"
+#include "lora/bf16_frozen_weight.hpp"
+#include "lora/dense_frozen_weight.hpp"
+#include "lora/detail/base_init_hook.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/ggml_frozen_weight.hpp"
 #include "lora/init.hpp"
+#include "lora/nf4_frozen_weight.hpp"
 
 #include <Eigen/Core>
 
@@ -14,6 +25,10 @@
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
+
+#if defined(LORA_WITH_ONEDNN)
+#include "lora/onednn/onednn_frozen_weight.hpp"
+#endif
 
 namespace lora::detail {
 
@@ -81,4 +96,34 @@ void apply_base_init(
   a.set_initial_factors(A, B);
 }
 
+/// Sets BaseInitHook<T, Frozen> to apply_base_init<T, Frozen>; the value of an inline variable.
+template <typename T, typename Frozen>
+bool register_base_init() {
+  BaseInitHook<T, Frozen>::function = &apply_base_init<T, Frozen>;
+  return true;
+}
+
+// Registered at static initialisation in the program that includes this header (each once).
+inline const bool kBaseInitsRegistered = register_base_init<float, DenseFrozenWeight<float>>() &&
+                                         register_base_init<double, DenseFrozenWeight<double>>() &&
+                                         register_base_init<float, Bf16FrozenWeight>() &&
+                                         register_base_init<float, Nf4FrozenWeight>() &&
+                                         register_base_init<float, GgmlFrozenWeight>();
+#if defined(LORA_WITH_ONEDNN)
+inline const bool kOneDnnBaseInitsRegistered =
+    register_base_init<float, onednn::OneDnnFrozenWeight>();
+#endif
+
 }  // namespace lora::detail
+
+namespace lora {
+
+/// Enables PiSSA, OLoRA and LoftQ for layers of scalar T over a storage lora does not ship (its
+/// own storages are registered by including this header). Call it once, before such a layer takes
+/// an adapter with one of these inits.
+template <typename T, typename Storage>
+void register_base_inits() {
+  detail::register_base_init<T, Storage>();
+}
+
+}  // namespace lora

@@ -4,6 +4,8 @@
 // Opt-in headers, each with the CMake target that brings its dependency:
 //   lora/bf16_frozen_weight.hpp   bf16 frozen base (lora::lora; lora::onednn for the oneDNN kernel)
 //   lora/nf4_frozen_weight.hpp    4-bit NormalFloat frozen base (likewise)
+//   lora/base_init.hpp            PiSSA, OLoRA and LoftQ (Eigen's SVD): include it in one file of
+//                                 a program whose adapters use them
 //   lora/peft.hpp                 safetensors and PEFT adapter files (lora::peft: nlohmann-json)
 //   lora/mpi.hpp                  data-parallel training (lora::mpi: MPI)
 //   lora/lora.hpp                 everything but MPI and oneDNN (lora::peft)
@@ -13,11 +15,11 @@
 #pragma once
 
 #include "lora/adapter.hpp"
+#include "lora/adapter_init.hpp"
 #include "lora/adapter_layer.hpp"
 #include "lora/config.hpp"
 #include "lora/dense_frozen_weight.hpp"
 #include "lora/frozen_storage.hpp"
-#include "lora/init.hpp"
 #include "lora/lora_embedding.hpp"
 #include "lora/lora_experts.hpp"
 #include "lora/lora_linear.hpp"

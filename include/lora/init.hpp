@@ -1,21 +1,21 @@
 // The initialisations that take the adapter from the base weight (PEFT's `init_lora_weights`):
-// PiSSA, OLoRA and LoftQ, which also replace the base by a residual, and the orthogonal init.
-// Plain functions on matrices; a layer calls apply_init() when an adapter joins it
-// (adapter_layer.hpp), and docs/inits.md says when to use which.
+// PiSSA, OLoRA and LoftQ, which also replace the base by a residual. Plain functions on matrices;
+// a layer runs them when an adapter joins it (lora/base_init.hpp, which a program includes to
+// enable them), and docs/inits.md says when to use which. The inits that need no base weight
+// (Gaussian, Kaiming, orthogonal) are in lora/adapter_init.hpp.
 //
 //   PiSSA  (arXiv 2404.02948)  W = U S V^T (rank r), S_r /= s, A = diag(sqrt S_r) V_r^T,
 //                              B = U_r diag(sqrt S_r), base W_res = W - s B A.
 //   OLoRA  (arXiv 2406.01775)  Q, R = qr(W), A = R[:r], B = Q[:, :r], base W_res = W - s B A.
 //   LoftQ  (arXiv 2310.08659)  res = W; T times: Q = deq(nf4(res)), (B, A) = rank-r SVD factors
 //                              of (W - Q) / s, res = W - s B A. Base: the last Q (4-bit).
-//   Orthogonal (PEFT)          A = (N_A q_odd)^T / 10, B = N_B^T q_even / 10 with q_odd, q_even the
-//                              odd and even rows of a random orthogonal r x r matrix: B A = 0.
 //
 // The SVD is exact (Eigen's BDCSVD) with LoRAConfig::svd_iterations = 0, otherwise PEFT's
 // randomized range finder (torch.svd_lowrank with q = r and N power iterations), seeded by
 // LoRAConfig::seed, whose only d x k matrix is the weight it factors.
 #pragma once
 
+#include "lora/adapter_init.hpp"
 #include "lora/config.hpp"
 #include "lora/detail/check.hpp"
 #include "lora/detail/gemm.hpp"
@@ -28,23 +28,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 namespace lora {
 
-/// The rank-r factors of an init, before any division by the scaling.
-template <typename T>
-struct LowRankFactors {
-  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> U;  ///< d x r, orthonormal columns
-  Eigen::Matrix<T, Eigen::Dynamic, 1> S;               ///< r singular values, descending
-  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> V;  ///< k x r, orthonormal columns
-};
-
 namespace detail {
-
-template <typename T>
-using InitMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
 
 /// The first q columns of the Q factor of Y (m x q, m >= q): an orthonormal basis of its range.
 template <typename T>
@@ -54,6 +42,14 @@ InitMatrix<T> orthonormal_basis(const InitMatrix<T>& Y) {
 }
 
 }  // namespace detail
+
+/// The rank-r factors of an init, before any division by the scaling.
+template <typename T>
+struct LowRankFactors {
+  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> U;  ///< d x r, orthonormal columns
+  Eigen::Matrix<T, Eigen::Dynamic, 1> S;               ///< r singular values, descending
+  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> V;  ///< k x r, orthonormal columns
+};
 
 /// The top r singular triplets of W (d x k). iterations = 0: an exact SVD (BDCSVD, O(d k min(d, k))
 /// and its U, V); iterations = N >= 1: the randomized range finder of torch.svd_lowrank with q = r
@@ -167,81 +163,6 @@ void loftq_init(const Eigen::MatrixBase<Derived>& W, const LoRAConfig& cfg, T s,
       errors->push_back(work.template cast<double>().norm());
     }
   }
-}
-
-/// PEFT's orthogonal init (r even): X ~ N(0, 1) r x r, Q = qr(X).Q, q_odd = Q[0::2], q_even =
-/// Q[1::2]; A = (N_A q_odd)^T / 10 with N_A ~ N(0, 1) k x r/2, B = N_B^T q_even / 10 with N_B ~
-/// N(0, 1) r/2 x d. Rows of q_odd and q_even are orthogonal, so B A = N_B^T (q_even q_odd^T) N_A^T
-/// / 100 = 0 while A and B are not zero.
-template <typename T>
-void orthogonal_init(Eigen::Index d, Eigen::Index k, int r, std::uint64_t seed,
-                     detail::InitMatrix<T>& A, detail::InitMatrix<T>& B) {
-  detail::require(r % 2 == 0, "lora::orthogonal_init: the rank must be even, got ", r);
-  using Matrix = detail::InitMatrix<T>;
-  Rng rng(seed);
-  Matrix X(r, r), NA(k, r / 2), NB(r / 2, d);
-  fill_normal(X, rng, 0.0, 1.0);
-  fill_normal(NA, rng, 0.0, 1.0);
-  fill_normal(NB, rng, 0.0, 1.0);
-  const Matrix Q = detail::orthonormal_basis<T>(X);
-  Matrix q_odd(r / 2, r), q_even(r / 2, r);
-  for (int i = 0; i < r / 2; ++i) {
-    q_odd.row(i) = Q.row(2 * i);
-    q_even.row(i) = Q.row(2 * i + 1);
-  }
-  A = (NA * q_odd).transpose() / T(10);
-  B = NB.transpose() * q_even / T(10);
-}
-
-/// PEFT's `init_lora_weights` value for an init: true (KaimingUniform), "gaussian", "pissa",
-/// "pissa_niter_N", "olora", "loftq", "orthogonal" (as text; `true` is returned as "true").
-inline std::string peft_init_name(Init init, int svd_iterations = 0) {
-  switch (init) {
-    case Init::KaimingUniform:
-      return "true";
-    case Init::Gaussian:
-      return "gaussian";
-    case Init::PiSSA:
-      return svd_iterations == 0 ? "pissa" : "pissa_niter_" + std::to_string(svd_iterations);
-    case Init::OLoRA:
-      return "olora";
-    case Init::LoftQ:
-      return "loftq";
-    case Init::Orthogonal:
-      return "orthogonal";
-  }
-  return "true";
-}
-
-/// The init named by PEFT's `init_lora_weights` text ("true", "false", "gaussian", "pissa",
-/// "pissa_niter_N", "olora", "loftq", "orthogonal"); svd_iterations is set for pissa_niter_N.
-/// Returns false for a name lora does not know ("false", PEFT's B = A = identity-free init for
-/// tests, maps to KaimingUniform: the weights come from the file anyway).
-inline bool init_from_peft_name(const std::string& name, Init& init, int& svd_iterations) {
-  svd_iterations = 0;
-  if (name == "true" || name == "false") {
-    init = Init::KaimingUniform;
-  } else if (name == "gaussian") {
-    init = Init::Gaussian;
-  } else if (name == "pissa") {
-    init = Init::PiSSA;
-  } else if (name.rfind("pissa_niter_", 0) == 0) {
-    const std::string digits = name.substr(12);
-    if (digits.empty() || digits.size() > 6 ||
-        digits.find_first_not_of("0123456789") != std::string::npos)
-      return false;
-    init = Init::PiSSA;
-    svd_iterations = std::stoi(digits);
-  } else if (name == "olora") {
-    init = Init::OLoRA;
-  } else if (name == "loftq") {
-    init = Init::LoftQ;
-  } else if (name == "orthogonal") {
-    init = Init::Orthogonal;
-  } else {
-    return false;
-  }
-  return true;
 }
 
 }  // namespace lora
