@@ -103,6 +103,7 @@ struct DenseBlas : Dense<T, Mode> {
   static Frozen make(const MatrixXd& W0) { return Frozen(W0.cast<T>(), Mode, Kernel); }
 };
 
+#if !defined(LORA_CONFORMANCE_BLAS_ONLY) && !defined(LORA_CONFORMANCE_ONEDNN_ONLY)
 /// llama.cpp's block formats: one configuration whose block type is chosen at run time, from the
 /// environment variable LORA_TEST_GGML_TYPE (q8_0, q4_0, q4_K, the default, or q6_K): ctest runs
 /// the battery's Ggml cases once per type (tests/CMakeLists.txt) from one compiled configuration.
@@ -131,6 +132,8 @@ struct Ggml {
   static constexpr double kRepresentationTol = 0.2;
   static constexpr double kHuge = 6e4;  // within fp16 block scales
 };
+
+#endif
 
 #if defined(LORA_WITH_ONEDNN)
 template <lora::MergeMode Mode>
