@@ -312,6 +312,10 @@ class GgufFile {
     if (!t.is_matrix())
       throw FormatError("GGUF: \"" + source_ + "\": tensor " + detail::gguf_quote(name) +
                         " is not a matrix: " + t.shape_string());
+    // Empty: nothing to copy. (A copy would still walk the other dimension, which the file may
+    // set to 2^62 at no cost in bytes.)
+    if (t.rows() == 0 || t.cols() == 0)
+      return Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>(t.rows(), t.cols());
     const std::vector<T> v = values<T>(name);
     using RowMajor = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     return Eigen::Map<const RowMajor>(v.data(), t.rows(), t.cols());
