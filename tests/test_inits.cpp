@@ -124,9 +124,9 @@ TEST(Inits, OloraMatchesPeft) {
   check_dense_case<double>("olora_f64_wide", Init::OLoRA, 1e-12);
 }
 
-// QPiSSA / QOLoRA: a bf16 or 4-bit storage holds the residual as it holds any W0, and the init
-// factors the full-precision W0 given to the layer.
-TEST(Inits, ResidualBasesOnBf16AndNf4) {
+// QPiSSA / QOLoRA: a bf16, NF4 or llama.cpp block storage holds the residual as it holds any W0,
+// and the init factors the full-precision W0 given to the layer.
+TEST(Inits, ResidualBasesOnBf16Nf4AndGgml) {
   for (const auto& [name, init] :
        {std::pair<std::string, Init>{"pissa_f64", Init::PiSSA}, {"olora_f64", Init::OLoRA}}) {
     SCOPED_TRACE(name);
@@ -157,6 +157,18 @@ TEST(Inits, ResidualBasesOnBf16AndNf4) {
     nf4_multi.add_adapter("a", cfg, W0);
     EXPECT_MATRIX_NEAR(nf4_multi.weight(), nf4.weight(), 0.0);
     EXPECT_MATRIX_NEAR(nf4_multi.adapter("a").A(), nf4.A(), 0.0);
+
+    // llama.cpp's Q8_0 blocks: the residual is quantized by llama.cpp's quantizer, as any W0.
+    using lora::GgmlFrozenWeight;
+    const auto q8_0 = lora::io::GgmlType::Q8_0;
+    LoRALinear<float, GgmlFrozenWeight> ggml(GgmlFrozenWeight::quantize(W0, q8_0), {}, cfg, W0);
+    EXPECT_MATRIX_NEAR(Eigen::MatrixXf(ggml.B() * ggml.A()), BA, 1e-5);
+    // One Q8_0 step (a block's absmax / 127) where the two f32 residuals round apart.
+    EXPECT_MATRIX_NEAR(ggml.weight(), GgmlFrozenWeight::quantize(W_res, q8_0).weight(),
+                       W_res.cwiseAbs().maxCoeff() / 127 + 1e-6);
+    MultiLoRALinear<float, GgmlFrozenWeight> ggml_multi{GgmlFrozenWeight::quantize(W0, q8_0)};
+    ggml_multi.add_adapter("a", cfg, W0);
+    EXPECT_MATRIX_NEAR(ggml_multi.weight(), ggml.weight(), 0.0);
   }
 }
 
