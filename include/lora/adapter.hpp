@@ -13,12 +13,12 @@
 // reallocated and its old views become stale (see parameter.hpp).
 #pragma once
 
+#include "lora/adapter_init.hpp"
 #include "lora/config.hpp"
 #include "lora/detail/check.hpp"
 #include "lora/detail/finite.hpp"
 #include "lora/detail/gemm.hpp"
 #include "lora/detail/low_rank.hpp"
-#include "lora/adapter_init.hpp"
 #include "lora/parameter.hpp"
 #include "lora/random.hpp"
 #include "lora/workspace.hpp"
