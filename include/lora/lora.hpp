@@ -1,5 +1,6 @@
 // lora: Low-Rank Adaptation (arXiv 2106.09685) for frozen Eigen models. The umbrella header:
-// everything but MPI (lora/mpi.hpp) and the oneDNN storage (lora/onednn/onednn_frozen_weight.hpp).
+// everything but MPI (lora/mpi.hpp), the oneDNN storage (lora/onednn/onednn_frozen_weight.hpp) and
+// the PiSSA, OLoRA and LoftQ inits (lora/base_init.hpp: include it in one file of the program).
 // Link lora::peft. A file that needs only the layers and optimizers includes lora/core.hpp
 // (lora::lora, Eigen alone), which parses several times faster.
 #pragma once
