@@ -128,20 +128,6 @@ TEST(HostileNumbers, TinyDoraMagnitudeInPlaceMergeIsRefusedBeforeW0IsTouched) {
   EXPECT_TRUE((bf.weight().array() == before.array()).all());
 }
 
-TEST(HostileNumbers, DoraMergeOverAZeroRowThrowsTheDocumentedDomainError) {
-  MatF W0(2, 3);
-  W0 << 1, 2, 3, 0, 0, 0;  // row 1 is zero, B = 0: ||W||_1 = 0, c_1 = 0
-  lora::LoRALinear<float> layer(W0, VecF(), dora_config(1, 1.0));
-  EXPECT_THROW(layer.merge(), std::domain_error);  // not std::invalid_argument
-  EXPECT_TRUE((layer.weight().array() == W0.array()).all());
-  // ExactRestore can merge it (no division on unmerge).
-  lora::LoRALinear<float> exact(lora::DenseFrozenWeight<float>(W0, lora::MergeMode::ExactRestore),
-                                VecF(), dora_config(1, 1.0));
-  exact.merge();
-  exact.unmerge();
-  EXPECT_TRUE((exact.weight().array() == W0.array()).all());
-}
-
 // ---- 2. a Gram matrix A A^T that overflows float
 // -------------------------------------------------
 
@@ -356,7 +342,7 @@ TEST(HostileNumbers, Nf4PanelBufferIsBoundedForTallAndWideWeights) {
   Eigen::setNbThreads(threads);
 }
 
-// ---- 9. smaller: save paths, c beyond float, NaN in a bf16 W0
+// ---- 9. smaller: save paths, a zero row, c beyond float, NaN in a bf16 W0
 // -------------------------------------
 
 TEST(HostileNumbers, SaveAdapterCreatesOnlyTheFoldersOfTheNormalisedPath) {
@@ -372,6 +358,20 @@ TEST(HostileNumbers, SaveAdapterCreatesOnlyTheFoldersOfTheNormalisedPath) {
   EXPECT_EQ(lora::peft::detail::normalize_path("../x/../y"), "../y");
   EXPECT_EQ(lora::peft::detail::normalize_path("a/.."), ".");
   std::filesystem::remove_all(base);
+}
+
+TEST(HostileNumbers, DoraMergeOverAZeroRowThrowsTheDocumentedDomainError) {
+  MatF W0(2, 3);
+  W0 << 1, 2, 3, 0, 0, 0;  // row 1 is zero, B = 0: ||W||_1 = 0, c_1 = 0
+  lora::LoRALinear<float> layer(W0, VecF(), dora_config(1, 1.0));
+  EXPECT_THROW(layer.merge(), std::domain_error);  // not std::invalid_argument
+  EXPECT_TRUE((layer.weight().array() == W0.array()).all());
+  // ExactRestore can merge it (no division on unmerge).
+  lora::LoRALinear<float> exact(lora::DenseFrozenWeight<float>(W0, lora::MergeMode::ExactRestore),
+                                VecF(), dora_config(1, 1.0));
+  exact.merge();
+  exact.unmerge();
+  EXPECT_TRUE((exact.weight().array() == W0.array()).all());
 }
 
 TEST(HostileNumbers, DoraMagnitudeBeyondFloatOverNormStillGivesAFiniteOutput) {
