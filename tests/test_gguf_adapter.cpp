@@ -3,13 +3,14 @@
 // on the base whose weights were merged (W0 + s B A, computed here densely and written as a GGUF
 // base) to 1e-4, and differs from the bare base by 1e-2 or more. Also: two adapters at 0.5 + 0.5;
 // f16, bf16 and q8_0 adapters (within their rounding); rsLoRA with per-module ranks and alphas
-// (folded into B); files from outside (ggml's writer); files llama.cpp refuses are refused by lora
-// first.
+// (folded into B); a token_embd adapter (LoRAEmbedding's, A stored transposed) beside linear ones;
+// files from outside (ggml's writer); files llama.cpp refuses are refused by lora first.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,7 @@
 #include "gguf_test_files.hpp"
 #include "llama_cpp_client.hpp"
 #include "lora/gguf.hpp"
+#include "lora/lora_embedding.hpp"
 #include "lora/optim.hpp"
 #include "tiny_llama.hpp"
 
@@ -80,7 +82,8 @@ Layers train(const std::map<std::string, lora::LoRAConfig>& configs, unsigned se
   return layers;
 }
 
-// W0 + sum of weight * s * B * A, densely in double, for the adapters given (module -> adapter).
+// W0 + sum of weight * s * B * A, densely in double, for the adapters given (module -> adapter);
+// the token embedding's table (n_vocab x n_embd) gains the transpose, s (B A)^T.
 using Delta =
     std::vector<std::pair<double, const std::map<std::string, lora::LoRAAdapter<float>>*>>;
 std::map<std::string, Eigen::MatrixXf> merged(const Delta& deltas) {
@@ -89,7 +92,11 @@ std::map<std::string, Eigen::MatrixXf> merged(const Delta& deltas) {
     for (const auto& [name, a] : *adapters) {
       Eigen::MatrixXd W =
           out.count(name) ? out[name].cast<double>() : model().weights.at(name).cast<double>();
-      W += weight * static_cast<double>(a.scaling()) * a.B().cast<double>() * a.A().cast<double>();
+      const Eigen::MatrixXd BA = a.B().cast<double>() * a.A().cast<double>();
+      if (name == "token_embd.weight")
+        W += weight * static_cast<double>(a.scaling()) * BA.transpose();
+      else
+        W += weight * static_cast<double>(a.scaling()) * BA;
       out[name] = W.cast<float>();
     }
   return out;
@@ -148,6 +155,85 @@ TEST(GgufAdapter, TrainedAdapterIsTheMergedBaseInLlamaCpp) {
   RecordProperty("max_abs_logprob_diff_to_merged", std::to_string(to_merged));
   EXPECT_LE(to_merged, 1e-4);
   EXPECT_GE(to_bare, 1e-2);
+}
+
+// llama.cpp gathers rows of token_embd's lora_a (A^T, ne = [r, n_vocab]) and multiplies by lora_b:
+// the file is right when llama.cpp with it equals llama.cpp on the table merged here densely.
+TEST(GgufAdapter, TokenEmbeddingAdapterIsTheMergedTableInLlamaCpp) {
+  const Eigen::MatrixXf& table = model().weights.at("token_embd.weight");  // n_vocab x n_embd
+  lora::LoRAConfig cfg;
+  cfg.rank = 4;
+  cfg.alpha = 6;
+  lora::LoRAEmbedding<float> embedding(table, cfg);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  // PEFT starts A at zero; an adapter that changes every token's row needs A random everywhere.
+  Eigen::MatrixXf A(4, table.rows()), B(table.cols(), 4);
+  for (Eigen::Index i = 0; i < A.size(); ++i) A.data()[i] = 0.5f * normal(rng);
+  for (Eigen::Index i = 0; i < B.size(); ++i) B.data()[i] = 0.5f * normal(rng);
+  const std::string name = embedding.active_name();  // "default"
+  lora::LoRAAdapter<float> trained = embedding.adapter(name);
+  trained.set_weights(A, B);
+  embedding.replace_adapter(name, trained);
+  // One file with the embedding's adapter and a linear layer's.
+  const Layers layers = train(standard_configs(), 3);
+  std::map<std::string, const lora::LoRAAdapter<float>*> adapters{
+      {"token_embd.weight", &embedding.adapter(name)},
+      {"blk.0.attn_q.weight", &layers.at("blk.0.attn_q.weight").adapter()}};
+  lora::gguf::SaveOptions o;
+  o.base = &base_file();
+  const std::string path = gguf_test::tmp_path("adapter_token_embd.gguf");
+  lora::gguf::write_adapter<float>(path, adapters, o);
+
+  const GgufFile file = GgufFile::load(path);  // llama.cpp's layout, read by the container alone
+  EXPECT_EQ(file.info("token_embd.weight.lora_a").ne, (std::vector<std::int64_t>{4, table.rows()}));
+  EXPECT_EQ(file.info("token_embd.weight.lora_b").ne, (std::vector<std::int64_t>{4, table.cols()}));
+  EXPECT_EQ(file.matrix<float>("token_embd.weight.lora_a"), A.transpose());
+  lora::gguf::ReadOptions ro;
+  ro.base = &base_file();
+  const auto saved = lora::gguf::read_adapter<float>(path, ro).modules;
+  EXPECT_EQ(saved.at("token_embd.weight").A(), A);  // read back as LoRAEmbedding's A and B
+  EXPECT_EQ(saved.at("token_embd.weight").B(), B);
+  lora::LoRAEmbedding<float> reloaded(table, cfg);
+  reloaded.replace_adapter(name, saved.at("token_embd.weight"));
+  const std::vector<std::int64_t> ids{0, 7, 3, 7};
+  EXPECT_EQ(reloaded.forward(ids), embedding.forward(ids));
+
+  llama_cpp::Adapter adapter(llama_base(), path);
+  const Eigen::MatrixXd with = llama_base().log_probs(tiny_llama::prompt(), {{&adapter, 1.0f}});
+  const double to_merged = max_diff(with, merged_log_probs({{1.0, &saved}}, "token_embd"));
+  const double to_bare = max_diff(with, bare_log_probs());
+  RecordProperty("max_abs_logprob_diff_to_merged", std::to_string(to_merged));
+  EXPECT_LE(to_merged, 1e-4);
+  EXPECT_GE(to_bare, 1e-2);
+  // The control: the linear module alone, with the table left as it was, is not it.
+  std::map<std::string, lora::LoRAAdapter<float>> linear_only{
+      {"blk.0.attn_q.weight", saved.at("blk.0.attn_q.weight")}};
+  EXPECT_GE(max_diff(with, merged_log_probs({{1.0, &linear_only}}, "token_embd_control")), 1e-2);
+}
+
+TEST(GgufAdapter, TokenEmbeddingAdapterOnATiedHeadIsRefused) {
+  tiny_llama::Model tied = model();
+  tied.weights.erase("output.weight");  // llama.cpp then multiplies by token_embd for the logits
+  const std::string base = gguf_test::tmp_path("tied_base.gguf");
+  tiny_llama::writer(tied).save(base);
+  const GgufFile tied_file = GgufFile::load(base);
+  lora::LoRAEmbedding<float> embedding(model().weights.at("token_embd.weight"), lora::LoRAConfig{});
+  lora::gguf::SaveOptions o;
+  o.base = &tied_file;
+  try {
+    lora::gguf::write_adapter<float>(gguf_test::tmp_path("tied_adapter.gguf"),
+                                     {{"token_embd.weight", &embedding.adapter("default")}}, o);
+    ADD_FAILURE() << "a token_embd adapter on a tied head was written";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("untie"), std::string::npos) << e.what();
+  }
+  // A linear layer's adapter for token_embd (A: r x n_embd) has the wrong shape for it.
+  lora::LoRALinear<float> wrong(model().weights.at("token_embd.weight"), lora::LoRAConfig{});
+  o.base = &base_file();
+  EXPECT_THROW(lora::gguf::write_adapter<float>(gguf_test::tmp_path("wrong_embd.gguf"),
+                                                {{"token_embd.weight", &wrong.adapter()}}, o),
+               std::invalid_argument);
 }
 
 TEST(GgufAdapter, TwoAdaptersAtHalfScale) {

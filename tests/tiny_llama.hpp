@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "llama/byte_vocabulary.hpp"
 #include "lora/io/gguf_writer.hpp"
 
 namespace tiny_llama {
@@ -98,23 +99,7 @@ inline lora::io::GgufWriter writer(const Model& m,
   w.set_value("llama.attention.head_count_kv", static_cast<std::uint32_t>(c.n_head_kv));
   w.set_value("llama.attention.layer_norm_rms_epsilon", c.rms_eps);
   w.set_value("llama.rope.dimension_count", static_cast<std::uint32_t>(c.head_dim()));
-  w.set_value("tokenizer.ggml.model", std::string("llama"));
-  std::vector<std::string> tokens{"<unk>", "<s>", "</s>"};
-  std::vector<float> scores{0.0f, 0.0f, 0.0f};
-  std::vector<std::int32_t> types{2, 3, 3};  // unknown, control, control
-  for (int b = 0; b < 256; ++b) {
-    char name[8];
-    std::snprintf(name, sizeof name, "<0x%02X>", b);
-    tokens.emplace_back(name);
-    scores.push_back(0.0f);
-    types.push_back(6);  // byte
-  }
-  w.set("tokenizer.ggml.tokens", GgufValue::array(tokens));
-  w.set("tokenizer.ggml.scores", GgufValue::array(scores));
-  w.set("tokenizer.ggml.token_type", GgufValue::array(types));
-  w.set_value("tokenizer.ggml.bos_token_id", std::uint32_t{1});
-  w.set_value("tokenizer.ggml.eos_token_id", std::uint32_t{2});
-  w.set_value("tokenizer.ggml.unknown_token_id", std::uint32_t{0});
+  llama::write_byte_vocabulary(w);  // the llama example's vocabulary: ids 3..258 are bytes
 
   auto weight = [&](const std::string& name) {
     const auto it = replaced.find(name);
@@ -128,7 +113,8 @@ inline lora::io::GgufWriter writer(const Model& m,
     for (const char* t : {"ffn_gate", "ffn_up", "ffn_down"}) weight(block(i, t));
   }
   w.add_vector("output_norm.weight", m.norms.at("output_norm.weight"), lora::io::GgmlType::F32);
-  weight("output.weight");
+  if (m.weights.count("output.weight"))  // without it llama.cpp ties the head to token_embd
+    weight("output.weight");
   return w;
 }
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "llama/byte_vocabulary.hpp"
 #include "llama/llama_model.hpp"
 #include "llama/text_data.hpp"
 
@@ -88,23 +89,7 @@ void write_model_gguf(const std::string& path, const Model<float, Frozen>& model
   w.set_value("llama.attention.layer_norm_rms_epsilon", c.rms_eps);
   w.set_value("llama.rope.freq_base", c.rope_base);
   w.set_value("llama.rope.dimension_count", static_cast<std::uint32_t>(c.head_dim()));
-  std::vector<std::string> tokens = {"<unk>", "<s>", "</s>"};
-  std::vector<float> scores = {0.0f, 0.0f, 0.0f};
-  std::vector<std::int32_t> types = {2, 3, 3};  // UNKNOWN, CONTROL, CONTROL
-  for (int b = 0; b < 256; ++b) {
-    char hex[8];
-    std::snprintf(hex, sizeof hex, "<0x%02X>", b);
-    tokens.emplace_back(hex);
-    scores.push_back(0.0f);
-    types.push_back(6);  // BYTE
-  }
-  w.set_value("tokenizer.ggml.model", std::string("llama"));
-  w.set("tokenizer.ggml.tokens", lora::io::GgufValue::array(tokens));
-  w.set("tokenizer.ggml.scores", lora::io::GgufValue::array(scores));
-  w.set("tokenizer.ggml.token_type", lora::io::GgufValue::array(types));
-  w.set_value("tokenizer.ggml.unknown_token_id", std::uint32_t{0});
-  w.set_value("tokenizer.ggml.bos_token_id", std::uint32_t{1});
-  w.set_value("tokenizer.ggml.eos_token_id", std::uint32_t{2});
+  write_byte_vocabulary(w);
   w.set_value("tokenizer.ggml.add_bos_token", false);
   using lora::io::GgmlType;
   w.add_matrix("token_embd.weight", model.token_embd().transpose(), GgmlType::F32);

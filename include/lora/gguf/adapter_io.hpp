@@ -8,6 +8,12 @@
 // e.g. "blk.0.attn_q.weight.lora_a". llama.cpp reads r from each B and computes
 //   W x + scale * (alpha / r) * B (A x)       (scale: the user's, 1 by default; alpha 0: no
 //   alpha/r)
+// The token embedding is the exception (llama.cpp's build_inp_embd gathers rows of lora_a):
+//   token_embd.weight.lora_a   A^T, ne = [r, n_vocab]   (PEFT's lora_embedding_A, transposed, as
+//                                                        llama.cpp's converter writes it)
+//   token_embd.weight.lora_b   B,   ne = [r, n_embd]    (PEFT's lora_embedding_B, as it is)
+// and the embedding of token t becomes W0[t] + (alpha / r) B A(:, t): LoRAEmbedding's adapter (A:
+// r x n_vocab, B: n_embd x r), which this file reads and writes under that name.
 // with ONE alpha per file. lora's adapters each have their own scaling s (alpha / r, rsLoRA's
 // alpha / sqrt(r), per-module ranks and alphas): the writer picks the alpha most modules agree on
 // (s * r) and folds the factor s * r / alpha into B for the others, so that llama.cpp computes
@@ -17,8 +23,9 @@
 //
 // Modules are named by their base tensor ("blk.0.attn_q.weight"). What llama.cpp cannot apply is
 // refused on writing, with a message saying why: DoRA (no magnitude in llama.cpp's format: merge
-// it into the base instead), a lora bias, adapters on token_embd (llama.cpp's embedding adapters
-// are laid out differently; not supported yet), Q8_0 with r or k not a multiple of 32. What
+// it into the base instead), a lora bias, a token_embd adapter on a base whose output head is tied
+// to token_embd (llama.cpp would adapt the lookup only, untying them: merge it instead), Q8_0 with
+// a dimension that is not a multiple of 32 (r, and in features for linear layers). What
 // llama.cpp refuses on loading is refused by the reader first, with a better message: another
 // architecture than the base's, a tensor the base does not have, half a pair, a wrong shape.
 #pragma once
@@ -109,6 +116,27 @@ void check_against_base(const io::GgufFile& base, const std::string& module, Eig
                " (ne = [in, out])");
 }
 
+/// llama.cpp lays out the token embedding's adapter differently from a linear layer's (see the top
+/// of this file); it tells them apart by this name.
+inline bool is_token_embedding(const std::string& module) {
+  return ends_with(module, "token_embd.weight");
+}
+
+/// Checks that the token embedding `module` of `base` is n_vocab x n_embd (ne = [n_embd,
+/// n_vocab]), the table of a LoRAEmbedding adapter with in_features() = n_vocab and out_features()
+/// = n_embd.
+template <typename Fail>
+void check_embedding_against_base(const io::GgufFile& base, const std::string& module,
+                                  Eigen::Index n_embd, Eigen::Index n_vocab, Fail fail) {
+  if (!base.contains(module))
+    throw fail("the base model \"" + base.source() + "\" has no tensor " + quoted(module));
+  const io::GgufTensorInfo& t = base.info(module);
+  if (t.ne.size() != 2 || t.ne[0] != n_embd || t.ne[1] != n_vocab)
+    throw fail("the adapter is for a table of " + std::to_string(n_vocab) + " tokens x " +
+               std::to_string(n_embd) + " (ne = [n_embd, n_vocab]), but the base's " +
+               quoted(module) + " has " + t.shape_string());
+}
+
 inline std::string architecture_of(const io::GgufFile& base) {
   if (!base.has("general.architecture"))
     throw FormatError("GGUF: the base model \"" + base.source() + "\" has no general.architecture");
@@ -191,17 +219,16 @@ AdapterFile<T> parse_adapter(const io::GgufFile& file, const ReadOptions& option
                   "\" (half a pair)");
     const io::GgufTensorInfo& a = *ab.first;
     const io::GgufTensorInfo& b = *ab.second;
-    if (detail::ends_with(module, "token_embd.weight"))
-      throw mfail(
-          "adapters on token_embd are not supported yet (llama.cpp lays them out "
-          "differently from linear layers)");
     if (a.ne.size() != 2 || b.ne.size() != 2)
       throw mfail("lora_a and lora_b must be 2-D, got " + a.shape_string() + " and " +
                   b.shape_string());
-    // A: ne = [k, r]; B: ne = [r, d].
-    const std::int64_t k = a.ne[0], r = a.ne[1], d = b.ne[1];
+    // A: ne = [k, r] (token_embd: [r, n_vocab], A transposed); B: ne = [r, d].
+    const bool embedding = detail::is_token_embedding(module);
+    const std::int64_t k = embedding ? a.ne[1] : a.ne[0], r = embedding ? a.ne[0] : a.ne[1];
+    const std::int64_t d = b.ne[1];
     if (b.ne[0] != r)
-      throw mfail("lora_a has " + a.shape_string() + " (ne = [in, r]) but lora_b has " +
+      throw mfail("lora_a has " + a.shape_string() +
+                  (embedding ? " (ne = [r, n_vocab])" : " (ne = [in, r])") + " but lora_b has " +
                   b.shape_string() +
                   " (ne = [r, out]): their ranks differ (llama.cpp: \"lora_a "
                   "tensor is not transposed\")");
@@ -209,7 +236,12 @@ AdapterFile<T> parse_adapter(const io::GgufFile& file, const ReadOptions& option
     if (r > std::min(k, d))
       throw mfail("rank " + std::to_string(r) + " exceeds min(out, in) of a " + std::to_string(d) +
                   " x " + std::to_string(k) + " weight, which this library does not support");
-    if (options.base != nullptr) detail::check_against_base(*options.base, module, d, k, mfail);
+    if (options.base != nullptr) {
+      if (embedding)
+        detail::check_embedding_against_base(*options.base, module, d, k, mfail);
+      else
+        detail::check_against_base(*options.base, module, d, k, mfail);
+    }
     for (const auto* t : {&a, &b})
       if (!io::GgufFile::can_convert(t->type))
         throw mfail("tensor " + detail::quoted(t->name) + " has type " +
@@ -220,10 +252,11 @@ AdapterFile<T> parse_adapter(const io::GgufFile& file, const ReadOptions& option
     // llama.cpp: scale = alpha / r, or 1 when alpha is 0.
     cfg.alpha = out.alpha != 0 ? static_cast<double>(out.alpha) : static_cast<double>(r);
     LoRAAdapter<T> adapter(d, k, cfg);
-    const auto A = file.matrix<T>(a.name);  // rows = ne[1] = r, cols = ne[0] = k
+    auto A = file.matrix<T>(a.name);        // rows = ne[1], cols = ne[0]: r x k (token_embd: k x r)
     const auto B = file.matrix<T>(b.name);  // rows = d, cols = r
     if (!A.allFinite() || !B.allFinite())
       throw mfail("lora_a or lora_b holds a value that is not finite");
+    if (embedding) A.transposeInPlace();
     adapter.set_weights(A, B);
     out.modules.emplace(module, std::move(adapter));
   }
@@ -304,15 +337,31 @@ io::GgufWriter adapter_writer(const std::map<std::string, const LoRAAdapter<T>*>
           "magnitude vector): merge it into the base model instead");
     if (a->has_lora_bias())
       throw mfail("it has a lora bias, which llama.cpp's adapter format cannot express");
-    if (detail::ends_with(module, "token_embd.weight"))
-      throw mfail("adapters on token_embd are not supported yet");
-    if (type == io::GgmlType::Q8_0 && (a->rank() % 32 != 0 || a->in_features() % 32 != 0))
-      throw mfail("q8_0 needs r and in features that are multiples of 32 (ggml's block), got r = " +
-                  std::to_string(a->rank()) + ", in = " + std::to_string(a->in_features()) +
+    const bool embedding = detail::is_token_embedding(module);
+    // ggml's rows (ne[0]) hold 32-value blocks: r for B and for token_embd's A^T, k for A.
+    if (type == io::GgmlType::Q8_0 &&
+        (a->rank() % 32 != 0 || (!embedding && a->in_features() % 32 != 0)))
+      throw mfail(std::string("q8_0 needs r") + (embedding ? "" : " and in features") +
+                  " to be multiples of 32 (ggml's block), got r = " + std::to_string(a->rank()) +
+                  (embedding ? "" : ", in = " + std::to_string(a->in_features())) +
                   "; save it as f16, bf16 or f32");
     if (!a->all_finite()) throw mfail("A or B holds a value that is not finite");
-    if (options.base != nullptr)
-      detail::check_against_base(*options.base, module, a->out_features(), a->in_features(), mfail);
+    if (options.base != nullptr) {
+      if (!embedding) {
+        detail::check_against_base(*options.base, module, a->out_features(), a->in_features(),
+                                   mfail);
+      } else {
+        detail::check_embedding_against_base(*options.base, module, a->out_features(),
+                                             a->in_features(), mfail);
+        // Without output.weight, llama.cpp multiplies by token_embd for the logits too, but
+        // applies the adapter only to the lookup (build_inp_embd).
+        if (!options.base->contains("output.weight"))
+          throw mfail(
+              "the base has no output.weight: its output head is token_embd itself, and "
+              "llama.cpp applies a token_embd adapter to the lookup only, which would untie the "
+              "two; merge the adapter into the base instead (LoRAEmbedding::merge)");
+      }
+    }
   }
 
   const float alpha = detail::choose_alpha(adapters);
@@ -326,7 +375,10 @@ io::GgufWriter adapter_writer(const std::map<std::string, const LoRAAdapter<T>*>
   for (const auto& [module, a] : adapters) {
     // llama.cpp applies alpha / r (in float); the module needs s: B carries the rest.
     const bool fold = static_cast<float>(static_cast<double>(a->scaling()) * a->rank()) != alpha;
-    w.add_matrix(module + kLoraASuffix, a->A(), type);  // r x k -> ne = [k, r]
+    if (detail::is_token_embedding(module))
+      w.add_matrix(module + kLoraASuffix, a->A().transpose(), type);  // k x r -> ne = [r, k]
+    else
+      w.add_matrix(module + kLoraASuffix, a->A(), type);  // r x k -> ne = [k, r]
     if (!fold) {
       w.add_matrix(module + kLoraBSuffix, a->B(), type);  // d x r -> ne = [r, d]
     } else {
@@ -438,12 +490,20 @@ inline void load_adapter(const std::string& path, const peft::LayerRefs& layers,
 
 /// Builds one LoRALinear<T> per module of the adapter at `path`, W0 read from `base` (the GGUF
 /// model, checked as llama.cpp would), each carrying the file's adapter.
+/// A token_embd module is std::invalid_argument: it is not a linear layer (read_adapter gives its
+/// adapter, for a LoRAEmbedding's replace_adapter).
 template <typename T>
 std::map<std::string, LoRALinear<T>> make_layers(const std::string& path,
                                                  const io::GgufFile& base) {
   ReadOptions options;
   options.base = &base;
   AdapterFile<T> file = read_adapter<T>(path, options);
+  for (const auto& entry : file.modules)
+    if (detail::is_token_embedding(entry.first))
+      throw std::invalid_argument("GGUF make_layers: \"" + path + "\" adapts " +
+                                  detail::quoted(entry.first) +
+                                  ", a token embedding, not a linear layer: read it with "
+                                  "read_adapter and give it to a LoRAEmbedding (replace_adapter)");
   std::map<std::string, LoRALinear<T>> layers;
   for (auto& [module, adapter] : file.modules) {
     LoRALinear<T> layer(read_matrix<T>(base, module), adapter.config());
