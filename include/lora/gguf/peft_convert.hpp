@@ -5,7 +5,9 @@
 //   model.layers.N.self_attn.{q,k,v,o}_proj  ->  blk.N.attn_{q,k,v,output}.weight
 //   model.layers.N.mlp.{gate,up,down}_proj   ->  blk.N.ffn_{gate,up,down}.weight
 //   lm_head                                  ->  output.weight
-// (model.embed_tokens -> token_embd.weight is refused: embedding adapters are not supported yet.)
+// (model.embed_tokens -> token_embd.weight is refused here: these convert linear modules. An
+// embedding adapter goes through a LoRAEmbedding: peft::load_embedding_experts, then
+// gguf::write_adapter under "token_embd.weight", which lays it out as llama.cpp's converter does.)
 //
 // The trap: llama.cpp's HF converter stores q_proj and k_proj with their rows permuted per head,
 // for its rotary layout: W' = P W with, per head of hd = d / n_head rows,
@@ -151,8 +153,10 @@ std::map<std::string, LoRAAdapter<T>> peft_to_gguf(
                                   "{q,k,v,o}_proj, model.layers.N.mlp.{gate,up,down}_proj, "
                                   "lm_head)");
     if (*name == "token_embd.weight")
-      throw std::invalid_argument("peft_to_gguf: embedding adapters (" + path +
-                                  ") are not supported yet");
+      throw std::invalid_argument(
+          "peft_to_gguf: " + path +
+          " is an embedding, and this converts linear modules: load it into a LoRAEmbedding "
+          "(peft::load_embedding_experts) and write that with gguf::write_adapter");
     detail::check_against_base(
         base, *name, adapter.out_features(), adapter.in_features(), [&](const std::string& what) {
           return FormatError("peft_to_gguf: module " + detail::quoted(path) + ": " + what);
