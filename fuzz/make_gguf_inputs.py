@@ -98,6 +98,14 @@ def seeds():
     r.info("blk.0.attn_q.weight.lora_b", [1, 2], 0, 32)  # B: ne [r, d]
     r.pad().raw(f32s([0.1, 0.2, 0.3, 0.4])).pad().raw(f32s([1.0, -1.0])).pad()
     write(SEEDS, "adapter_f32", r)
+    # A token embedding's adapter: lora_a is A transposed (ne [r, n_vocab]), lora_b is B (ne [r, d]).
+    r = Raw().header(2, 4)
+    r.kv_str("general.architecture", "llama").kv_str("general.type", "adapter")
+    r.kv_str("adapter.type", "lora").kv_f32("adapter.lora.alpha", 2.0)
+    r.info("token_embd.weight.lora_a", [1, 4], 0, 0)
+    r.info("token_embd.weight.lora_b", [1, 2], 0, 32)
+    r.pad().raw(f32s([0.1, 0.2, 0.3, 0.4])).pad().raw(f32s([1.0, -1.0])).pad()
+    write(SEEDS, "adapter_token_embd_f32", r)
     # Every value type once, scalars and arrays, and no tensors.
     r = Raw().header(0, 13)
     for t, fmt, v in [(U8, "B", 7), (I8, "b", -7), (U16, "H", 7), (I16, "h", -7), (U32, "I", 7),
