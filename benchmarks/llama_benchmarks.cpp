@@ -20,6 +20,7 @@
 
 #include "llama/llama_model.hpp"
 #include "llama/text_data.hpp"
+#include "llama/train.hpp"
 
 namespace {
 
@@ -44,6 +45,7 @@ double peak_rss_mb() {
 
 template <typename Frozen>
 void BM_LlamaTrainStepOn(benchmark::State& state) {
+  llama::keep_freed_memory();  // as llama_finetune does (examples/llama/train.hpp)
   const llama::Config cfg = bench_config();
   lora::Rng rng(1);
   llama::Model<float, Frozen> model(cfg, rng);

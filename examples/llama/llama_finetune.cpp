@@ -246,6 +246,7 @@ int run_train(const std::string& model_path, const std::string& tokens_path,
 }  // namespace
 
 int main(int argc, char** argv) {
+  llama::keep_freed_memory();  // train.hpp: each step's temporaries are reused, not re-faulted
   try {
     bool demo = false, quick = false;
     std::string out = ".", model, lora, score, train_file, lora_out = "adapter.gguf";

@@ -4,8 +4,13 @@
 
 #include <lora/core.hpp>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -31,6 +36,20 @@ struct TrainResult {
   double seconds = 0;     ///< wall time of the steps
   long long tokens = 0;   ///< tokens processed
 };
+
+/// Keeps freed memory in the process. A training step here allocates its activations and
+/// gradients anew (readable code, no workspace), and glibc by default maps blocks above 128 KiB
+/// with mmap, unmaps them on free and trims the heap's top: every step then page-faults and zeroes
+/// all its temporaries again, a large share of the fp32 step of BM_LlamaTrainStep on the machine
+/// of docs/llama.md. With the largest mmap threshold glibc allows (32 MiB) and no trimming, the
+/// blocks are reused from step to step, as PyTorch's caching allocators reuse theirs; the peak is
+/// unchanged. Call it once, before training; a no-op outside glibc.
+inline void keep_freed_memory() {
+#if defined(__GLIBC__)
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, INT_MAX);
+#endif
+}
 
 /// lr at step t (0-based) of n: linear warm-up over w steps, then cosine decay to 0.
 inline double cosine_with_warmup(int t, int n, int w, double peak) {
