@@ -8,18 +8,19 @@
 // e.g. "blk.0.attn_q.weight.lora_a". llama.cpp reads r from each B and computes
 //   W x + scale * (alpha / r) * B (A x)       (scale: the user's, 1 by default; alpha 0: no
 //   alpha/r)
-// The token embedding is the exception (llama.cpp's build_inp_embd gathers rows of lora_a):
-//   token_embd.weight.lora_a   A^T, ne = [r, n_vocab]   (PEFT's lora_embedding_A, transposed, as
-//                                                        llama.cpp's converter writes it)
-//   token_embd.weight.lora_b   B,   ne = [r, n_embd]    (PEFT's lora_embedding_B, as it is)
-// and the embedding of token t becomes W0[t] + (alpha / r) B A(:, t): LoRAEmbedding's adapter (A:
-// r x n_vocab, B: n_embd x r), which this file reads and writes under that name.
 // with ONE alpha per file. lora's adapters each have their own scaling s (alpha / r, rsLoRA's
 // alpha / sqrt(r), per-module ranks and alphas): the writer picks the alpha most modules agree on
 // (s * r) and folds the factor s * r / alpha into B for the others, so that llama.cpp computes
 // exactly s * B * A for every module; the folded modules are listed in the file's metadata
 // (`lora.folded_modules`). Reading such a file back gives adapters with scaling alpha / r and the
 // folded B: the same s * B * A.
+//
+// The token embedding is the exception (llama.cpp's build_inp_embd gathers rows of lora_a):
+//   token_embd.weight.lora_a   A^T, ne = [r, n_vocab]   (PEFT's lora_embedding_A, transposed, as
+//                                                        llama.cpp's converter writes it)
+//   token_embd.weight.lora_b   B,   ne = [r, n_embd]    (PEFT's lora_embedding_B, as it is)
+// and the embedding of token t becomes W0[t] + (alpha / r) B A(:, t): LoRAEmbedding's adapter (A:
+// r x n_vocab, B: n_embd x r), which this file reads and writes under that name.
 //
 // Modules are named by their base tensor ("blk.0.attn_q.weight"). What llama.cpp cannot apply is
 // refused on writing, with a message saying why: DoRA (no magnitude in llama.cpp's format: merge
