@@ -103,39 +103,30 @@ inline std::string quoted(const std::string& s) {
   return io::detail::gguf_quote(s);
 }
 
-/// Checks that `module` is a 2-D tensor of `base` of shape out x in (ne = [in, out]); `fail`
-/// builds the exception.
-template <typename Fail>
-void check_against_base(const io::GgufFile& base, const std::string& module, Eigen::Index out,
-                        Eigen::Index in, Fail fail) {
-  if (!base.contains(module))
-    throw fail("the base model \"" + base.source() + "\" has no tensor " + quoted(module));
-  const io::GgufTensorInfo& t = base.info(module);
-  if (t.ne.size() != 2 || t.ne[0] != in || t.ne[1] != out)
-    throw fail("the adapter is for a " + std::to_string(out) + " x " + std::to_string(in) +
-               " (out x in) weight, but the base's " + quoted(module) + " has " + t.shape_string() +
-               " (ne = [in, out])");
-}
-
 /// llama.cpp lays out the token embedding's adapter differently from a linear layer's (see the top
 /// of this file); it tells them apart by this name.
 inline bool is_token_embedding(const std::string& module) {
   return ends_with(module, "token_embd.weight");
 }
 
-/// Checks that the token embedding `module` of `base` is n_vocab x n_embd (ne = [n_embd,
-/// n_vocab]), the table of a LoRAEmbedding adapter with in_features() = n_vocab and out_features()
-/// = n_embd.
+/// Checks that `module` is a 2-D tensor of `base` shaped for an adapter with out_features() = out
+/// and in_features() = in: ne = [in, out] for a linear weight, [out, in] = [n_embd, n_vocab] for
+/// the token embedding (whose LoRAEmbedding adapter sees the table transposed). `fail` builds the
+/// exception.
 template <typename Fail>
-void check_embedding_against_base(const io::GgufFile& base, const std::string& module,
-                                  Eigen::Index n_embd, Eigen::Index n_vocab, Fail fail) {
+void check_against_base(const io::GgufFile& base, const std::string& module, Eigen::Index out,
+                        Eigen::Index in, Fail fail) {
   if (!base.contains(module))
     throw fail("the base model \"" + base.source() + "\" has no tensor " + quoted(module));
+  const bool embedding = is_token_embedding(module);
+  const Eigen::Index ne0 = embedding ? out : in, ne1 = embedding ? in : out;
   const io::GgufTensorInfo& t = base.info(module);
-  if (t.ne.size() != 2 || t.ne[0] != n_embd || t.ne[1] != n_vocab)
-    throw fail("the adapter is for a table of " + std::to_string(n_vocab) + " tokens x " +
-               std::to_string(n_embd) + " (ne = [n_embd, n_vocab]), but the base's " +
-               quoted(module) + " has " + t.shape_string());
+  if (t.ne.size() != 2 || t.ne[0] != ne0 || t.ne[1] != ne1)
+    throw fail((embedding ? "the adapter is for a table of " + std::to_string(in) + " tokens x " +
+                                std::to_string(out) + " (ne = [n_embd, n_vocab])"
+                          : "the adapter is for a " + std::to_string(out) + " x " +
+                                std::to_string(in) + " (out x in) weight (ne = [in, out])") +
+               ", but the base's " + quoted(module) + " has " + t.shape_string());
 }
 
 inline std::string architecture_of(const io::GgufFile& base) {
@@ -237,12 +228,7 @@ AdapterFile<T> parse_adapter(const io::GgufFile& file, const ReadOptions& option
     if (r > std::min(k, d))
       throw mfail("rank " + std::to_string(r) + " exceeds min(out, in) of a " + std::to_string(d) +
                   " x " + std::to_string(k) + " weight, which this library does not support");
-    if (options.base != nullptr) {
-      if (embedding)
-        detail::check_embedding_against_base(*options.base, module, d, k, mfail);
-      else
-        detail::check_against_base(*options.base, module, d, k, mfail);
-    }
+    if (options.base != nullptr) detail::check_against_base(*options.base, module, d, k, mfail);
     for (const auto* t : {&a, &b})
       if (!io::GgufFile::can_convert(t->type))
         throw mfail("tensor " + detail::quoted(t->name) + " has type " +
@@ -348,20 +334,14 @@ io::GgufWriter adapter_writer(const std::map<std::string, const LoRAAdapter<T>*>
                   "; save it as f16, bf16 or f32");
     if (!a->all_finite()) throw mfail("A or B holds a value that is not finite");
     if (options.base != nullptr) {
-      if (!embedding) {
-        detail::check_against_base(*options.base, module, a->out_features(), a->in_features(),
-                                   mfail);
-      } else {
-        detail::check_embedding_against_base(*options.base, module, a->out_features(),
-                                             a->in_features(), mfail);
-        // Without output.weight, llama.cpp multiplies by token_embd for the logits too, but
-        // applies the adapter only to the lookup (build_inp_embd).
-        if (!options.base->contains("output.weight"))
-          throw mfail(
-              "the base has no output.weight: its output head is token_embd itself, and "
-              "llama.cpp applies a token_embd adapter to the lookup only, which would untie the "
-              "two; merge the adapter into the base instead (LoRAEmbedding::merge)");
-      }
+      detail::check_against_base(*options.base, module, a->out_features(), a->in_features(), mfail);
+      // Without output.weight, llama.cpp multiplies by token_embd for the logits too, but applies
+      // the adapter only to the lookup (build_inp_embd).
+      if (embedding && !options.base->contains("output.weight"))
+        throw mfail(
+            "the base has no output.weight: its output head is token_embd itself, and llama.cpp "
+            "applies a token_embd adapter to the lookup only, which would untie the two; merge "
+            "the adapter into the base instead (LoRAEmbedding::merge)");
     }
   }
 
