@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Writes the small hand-made seed files in fuzz/seeds/safetensors (the PEFT fixtures in
-tests/fixtures/peft are seeds too). Standard library only; rerun after editing."""
+"""Writes the small hand-made seed files in fuzz/seeds/safetensors, fuzz/seeds/peft_adapter (the
+PEFT fixtures in tests/fixtures/peft are seeds too) and fuzz/seeds/ggml_blocks. Standard library
+only; rerun after editing."""
 import json
 import os
 import struct
@@ -70,3 +71,59 @@ biased["base_model.model.layer.q.lora_B.bias"] = entry("BF16", [2], 20, 24)
 write_adapter("tiny_lora_bias", json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1,
                                             "lora_bias": True}).encode(),
               safetensors(biased, A + B + bytes([0x80, 0x3F, 0x00, 0x40])))
+
+# ggml block seeds (fuzz/ggml_blocks_harness.hpp): one byte choosing the type, then whole blocks.
+# Per type, "<type>" holds finite blocks (all zero, fp16 scales of 65504 and of 2^-24, an
+# ordinary one, random bytes under a finite scale), "<type>_nonfinite" a block with each of the
+# scales +inf (0x7c00), NaN (0x7e00) and a signalling NaN (0x7c01): GgmlFrozenWeight refuses it.
+GGML = os.path.join(os.path.dirname(HERE), "ggml_blocks")
+os.makedirs(GGML, exist_ok=True)
+# name: (type byte, bytes per block, offsets of the fp16 scales in a block)
+GGML_TYPES = {"f32": (0, 4, []), "f16": (1, 2, []), "bf16": (2, 2, []), "q8_0": (3, 34, [0]),
+              "q4_0": (4, 18, [0]), "q5_0": (5, 22, [0]), "q4_K": (6, 144, [0, 2]),
+              "q5_K": (7, 176, [0, 2]), "q6_K": (8, 210, [208])}
+
+
+def lcg_bytes(n, state):
+    out = bytearray()
+    for _ in range(n):
+        state = (state * 1664525 + 1013904223) % 2**32
+        out.append(state >> 24)
+    return out
+
+
+def block(size, scales, fill, scale):
+    b = bytearray(fill)
+    for off in scales:
+        b[off:off + 2] = struct.pack("<H", scale)
+    return bytes(b)
+
+
+def write_ggml(name, type_byte, data):
+    with open(os.path.join(GGML, name + ".bin"), "wb") as f:
+        f.write(bytes([type_byte]) + data)
+
+
+for name, (type_byte, size, scales) in GGML_TYPES.items():
+    if not scales:  # plain values
+        if name == "f32":
+            finite = struct.pack("<8f", 0, -0.0, 1, -2.5, 1e-45, 3.4e38, -1e-38, 0.1)
+            nonfinite = struct.pack("<4f", 1, float("inf"), float("nan"), -2)
+            nonfinite += struct.pack("<I", 0x7F800001)  # signalling NaN
+        elif name == "f16":
+            finite = struct.pack("<8H", 0, 0x8000, 0x3C00, 0xC100, 0x0001, 0x7BFF, 0x0400, 0x3555)
+            nonfinite = struct.pack("<6H", 0x3C00, 0x7C00, 0x7E00, 0x7C01, 0xFC00, 0xFE01)
+        else:
+            finite = struct.pack("<8H", 0, 0x8000, 0x3F80, 0xC020, 0x0001, 0x7F7F, 0x0080, 0x3DCD)
+            nonfinite = struct.pack("<6H", 0x3F80, 0x7F80, 0x7FC0, 0x7F81, 0xFF80, 0xFFC1)
+        write_ggml(name, type_byte, finite)
+        write_ggml(name + "_nonfinite", type_byte, nonfinite)
+        continue
+    noise = lcg_bytes(size, type_byte)
+    finite = (block(size, scales, bytes(size), 0) +        # all zero
+              block(size, scales, noise, 0x7BFF) +          # largest fp16 scale
+              block(size, scales, noise, 0x0001) +          # smallest subnormal scale
+              block(size, scales, noise, 0x2E66))           # 0.1
+    nonfinite = b"".join(block(size, scales, noise, s) for s in (0x3C00, 0x7C00, 0x7E00, 0x7C01))
+    write_ggml(name, type_byte, finite)
+    write_ggml(name + "_nonfinite", type_byte, nonfinite)
