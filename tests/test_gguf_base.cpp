@@ -100,15 +100,18 @@ TEST(GgufBase, ReadsGgmlWrittenWeightsIntoFrozenStorages) {
   }
   const auto weights = lora::gguf::read_weights<float>(f, {names[0], names[3]});
   EXPECT_EQ(weights.size(), 2u);
-  // Q4_K: a clear refusal, and the raw blocks as ggml wrote them.
-  try {
-    lora::gguf::read_dense_weight<float>(f, names[4]);
-    ADD_FAILURE() << "q4_K converted";
-  } catch (const lora::io::FormatError& e) {
-    EXPECT_NE(std::string(e.what()).find("q4_K"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("cannot dequantize yet"), std::string::npos) << e.what();
-  }
+  // Q4_K: dequantized as ggml's to_float does, bit for bit, or kept as stored (GgmlFrozenWeight:
+  // the raw blocks as ggml wrote them).
   const ggml_tensor* k = ggml_get_tensor(ctx, names[4]);
+  std::vector<float> theirs(static_cast<std::size_t>(out * 256));
+  ggml_get_type_traits(GGML_TYPE_Q4_K)->to_float(k->data, theirs.data(), out * 256);
+  const Eigen::MatrixXf q4k =
+      Eigen::Map<Eigen::Matrix<float, -1, -1, Eigen::RowMajor>>(theirs.data(), out, 256);
+  EXPECT_EQ(lora::gguf::read_dense_weight<float>(f, names[4]).weight(), q4k);
+  const lora::GgmlFrozenWeight blocks = lora::gguf::read_ggml_weight(f, names[4]);
+  EXPECT_EQ(blocks.type(), GgmlType::Q4_K);
+  EXPECT_EQ(blocks.packed_bytes(), ggml_nbytes(k));
+  EXPECT_EQ(blocks.weight(), q4k);
   EXPECT_EQ(0, std::memcmp(f.data(names[4]), k->data, ggml_nbytes(k)));
   EXPECT_THROW(lora::gguf::read_matrix<float>(f, "blk.9.attn_q.weight"), lora::io::FormatError);
   gguf_free(g);

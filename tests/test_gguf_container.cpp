@@ -235,8 +235,12 @@ TEST(GgufContainer, WriterRefusesWhatLlamaCppCannotRead) {
                std::invalid_argument);
   EXPECT_THROW(w.add_matrix("q", Eigen::MatrixXf::Zero(2, 48), GgmlType::Q8_0),
                std::invalid_argument);
-  EXPECT_THROW(w.add_matrix("k", Eigen::MatrixXf::Zero(2, 256), GgmlType::Q4_K),
-               std::invalid_argument);
+  EXPECT_THROW(w.add_matrix("k", Eigen::MatrixXf::Zero(2, 256), GgmlType::Q2_K),
+               std::invalid_argument);  // a type lora does not quantize into
+  EXPECT_THROW(w.add_matrix("k4", Eigen::MatrixXf::Zero(2, 128), GgmlType::Q4_K),
+               std::invalid_argument);  // rows of 128 values: half a Q4_K super-block
+  EXPECT_THROW(w.add_matrix("big", Eigen::MatrixXf::Constant(1, 32, 1e7f), GgmlType::Q8_0),
+               std::domain_error);  // its scale, 1e7 / 127, overflows fp16
   EXPECT_THROW(w.add_matrix("h", Eigen::MatrixXf::Constant(1, 1, 1e5f), GgmlType::F16),
                std::domain_error);
   EXPECT_THROW(w.add_matrix("n", Eigen::MatrixXf::Constant(1, 1, NAN), GgmlType::F32),
@@ -312,16 +316,18 @@ TEST(GgufContainer, RefusesAnElementCountThatWrapsToZero) {
 
 TEST(GgufContainer, HandsOutRawBlocksOfTypesItCannotConvert) {
   GgufWriter w;
-  std::vector<std::uint8_t> blocks(2 * 144, 0x11);  // two Q4_K blocks (256 values each)
-  w.add_tensor("k", GgmlType::Q4_K, {256, 2}, blocks);
+  std::vector<std::uint8_t> blocks(2 * 84, 0x11);  // two Q2_K blocks (256 values each)
+  w.add_tensor("k", GgmlType::Q2_K, {256, 2}, blocks);
   const GgufFile f = GgufFile::parse(w.serialize());
   EXPECT_EQ(f.raw("k"), blocks);
-  EXPECT_FALSE(GgufFile::can_convert(GgmlType::Q4_K));
+  EXPECT_FALSE(GgufFile::can_convert(GgmlType::Q2_K));
+  EXPECT_TRUE(GgufFile::can_convert(GgmlType::Q4_K));
   try {
     f.matrix<float>("k");
     ADD_FAILURE();
   } catch (const FormatError& e) {
-    EXPECT_NE(std::string(e.what()).find("cannot dequantize yet"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("cannot dequantize"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("q2_K"), std::string::npos) << e.what();
   }
 }
 

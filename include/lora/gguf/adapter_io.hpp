@@ -233,7 +233,8 @@ AdapterFile<T> parse_adapter(const io::GgufFile& file, const ReadOptions& option
       if (!io::GgufFile::can_convert(t->type))
         throw mfail("tensor " + detail::quoted(t->name) + " has type " +
                     io::ggml_type_traits(t->type).name +
-                    ", which lora cannot read (f32, f16, bf16, q8_0)");
+                    ", which lora cannot read (f32, f16, bf16, q8_0, q4_0, q5_0, q4_K, q5_K, "
+                    "q6_K)");
     LoRAConfig cfg;
     cfg.rank = static_cast<int>(r);
     // llama.cpp: scale = alpha / r, or 1 when alpha is 0.
@@ -469,13 +470,20 @@ inline void load_adapter(const std::string& path, const peft::LayerRefs& layers,
       : detail::load_refs<double>(path, layers, name, options);
 }
 
-/// Builds one LoRALinear<T> per module of the adapter at `path`, W0 read from `base` (the GGUF
-/// model, checked as llama.cpp would), each carrying the file's adapter.
+/// Builds one LoRALinear<T, Frozen> per module of the adapter at `path`, W0 read from `base` (the
+/// GGUF model, checked as llama.cpp would), each carrying the file's adapter.
+///
+/// `Frozen` is the storage of each W0, built as `Frozen(W0, storage_args...)` from the weight
+/// dequantized to T (DenseFrozenWeight<T> by default; Nf4FrozenWeight, Bf16FrozenWeight, ...),
+/// except GgmlFrozenWeight, which keeps the base's blocks as stored: on a Q4_K_M file,
+/// `make_layers<float, GgmlFrozenWeight>(path, base)` trains against exactly the weights llama.cpp
+/// serves, with no full-precision copy (storage_args: its MergeMode and GgmlBackend).
 /// A token_embd module is std::invalid_argument: it is not a linear layer (read_adapter gives its
 /// adapter, for a LoRAEmbedding's replace_adapter).
-template <typename T>
-std::map<std::string, LoRALinear<T>> make_layers(const std::string& path,
-                                                 const io::GgufFile& base) {
+template <typename T, typename Frozen = DenseFrozenWeight<T>, typename... StorageArgs>
+std::map<std::string, LoRALinear<T, Frozen>> make_layers(const std::string& path,
+                                                         const io::GgufFile& base,
+                                                         const StorageArgs&... storage_args) {
   ReadOptions options;
   options.base = &base;
   AdapterFile<T> file = read_adapter<T>(path, options);
@@ -485,9 +493,10 @@ std::map<std::string, LoRALinear<T>> make_layers(const std::string& path,
                                   detail::quoted(entry.first) +
                                   ", a token embedding, not a linear layer: read it with "
                                   "read_adapter and give it to a LoRAEmbedding (replace_adapter)");
-  std::map<std::string, LoRALinear<T>> layers;
+  std::map<std::string, LoRALinear<T, Frozen>> layers;
   for (auto& [module, adapter] : file.modules) {
-    LoRALinear<T> layer(read_matrix<T>(base, module), adapter.config());
+    LoRALinear<T, Frozen> layer(detail::read_storage<T, Frozen>(base, module, storage_args...),
+                                typename LoRALinear<T, Frozen>::Vector(), adapter.config());
     layer.replace_adapter(adapter);
     layers.emplace(module, std::move(layer));
   }

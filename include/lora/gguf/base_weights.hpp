@@ -8,19 +8,26 @@
 //   lora::LoRALinear<float, lora::Bf16FrozenWeight> v(
 //       lora::gguf::read_bf16_weight(model, "blk.0.attn_v.weight"), {}, cfg);
 //
-// Tensor types F32, F16, BF16 and Q8_0 (and F64) convert; the other block-quantized types are
-// refused here with a FormatError saying so (their raw blocks: GgufFile::data / raw).
+// Tensor types F32, F16, BF16, F64 and the block types Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K
+// convert (dequantized bit for bit as ggml does); other types are refused with a FormatError
+// saying so (their raw blocks: GgufFile::data / raw). read_ggml_weight keeps a tensor's blocks as
+// stored instead (QLoRA on the file's own quantization: docs/gguf_quantized.md):
+//
+//   lora::LoRALinear<float, lora::GgmlFrozenWeight> q(
+//       lora::gguf::read_ggml_weight(model, "blk.0.attn_q.weight"), {}, cfg);
 #pragma once
 
 #include "lora/bf16_frozen_weight.hpp"
 #include "lora/dense_frozen_weight.hpp"
 #include "lora/frozen_storage.hpp"
+#include "lora/ggml_frozen_weight.hpp"
 #include "lora/io/gguf.hpp"
 
 #include <Eigen/Core>
 
 #include <map>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace lora::gguf {
@@ -65,6 +72,37 @@ inline Bf16FrozenWeight read_bf16_weight(const io::GgufFile& file, const std::st
                                          Bf16Backend backend = Bf16Backend::Auto) {
   return Bf16FrozenWeight(read_matrix<float>(file, name), mode, backend);
 }
+
+/// The 2-D weight `name` as stored in the file (any type lora dequantizes: the blocks of a Q4_K,
+/// Q6_K, Q8_0, ... tensor are kept as they are, no full-precision copy), as a GgmlFrozenWeight
+/// (see it for `mode` and `backend`). Throws io::FormatError when the file has no such tensor,
+/// when it is not 2-D, and as GgmlFrozenWeight's constructor (a non-finite scale, a type lora
+/// cannot dequantize).
+inline GgmlFrozenWeight read_ggml_weight(const io::GgufFile& file, const std::string& name,
+                                         MergeMode mode = MergeMode::ExactRestore,
+                                         GgmlBackend backend = GgmlBackend::Auto) {
+  const io::GgufTensorInfo& t = file.info(name);
+  if (t.ne.size() != 2)
+    throw io::FormatError("GGUF: \"" + file.source() + "\": tensor " +
+                          io::detail::gguf_quote(name) +
+                          " is not a 2-D weight: " + t.shape_string());
+  return GgmlFrozenWeight(file.data(name), t.bytes, t.type, t.ne[0], t.ne[1], name, mode, backend);
+}
+
+namespace detail {
+
+/// The frozen storage `Frozen` of weight `name`, built as `Frozen(W0, args...)` from the
+/// dequantized matrix; a GgmlFrozenWeight keeps the tensor's blocks as stored instead.
+template <typename T, typename Frozen, typename... StorageArgs>
+Frozen read_storage(const io::GgufFile& file, const std::string& name,
+                    const StorageArgs&... storage_args) {
+  if constexpr (std::is_same_v<Frozen, GgmlFrozenWeight>)
+    return read_ggml_weight(file, name, storage_args...);
+  else
+    return Frozen(read_matrix<T>(file, name), storage_args...);
+}
+
+}  // namespace detail
 
 /// The weights `names` of `file` by name (out x in each): the base weights that
 /// make_layers and the adapter readers take. Throws io::FormatError as read_matrix.

@@ -90,7 +90,8 @@ inline std::uint16_t float_to_bf16(float f) {
   return static_cast<std::uint16_t>(u >> 16);
 }
 
-/// IEEE binary16 to float: exact (subnormals, infinities and NaN included).
+/// IEEE binary16 to float: exact (subnormals and infinities included); a NaN keeps its sign and
+/// payload and comes out quiet, as the x86 conversion (vcvtph2ps) and ggml give it.
 inline float f16_to_float(std::uint16_t h) {
   const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16;
   const std::uint32_t exp = (h >> 10) & 0x1fu;
@@ -99,7 +100,8 @@ inline float f16_to_float(std::uint16_t h) {
     const float v = std::ldexp(static_cast<float>(mant), -24);
     return sign ? -v : v;
   }
-  if (exp == 31) return bits_float(sign | 0x7f800000u | (mant << 13));  // inf / NaN
+  if (exp == 31)  // inf, or NaN with the quiet bit set
+    return bits_float(sign | 0x7f800000u | (mant << 13) | (mant ? 0x00400000u : 0u));
   return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 

@@ -147,8 +147,8 @@ inline bool gguf_valid_value_type(std::int32_t t) {
   return t >= 0 && t <= 12;
 }
 
-/// Dequantizes `n` values of `type` at `p` into floats, or returns false when lora cannot
-/// convert the type yet (the block-quantized types other than Q8_0).
+/// Dequantizes `n` values of `type` at `p` into floats as ggml does (bit for bit), or returns
+/// false when lora cannot convert the type (see ggml::can_dequantize).
 inline bool ggml_to_float(GgmlType type, const std::uint8_t* p, float* out, std::size_t n) {
   switch (type) {
     case GgmlType::F32:
@@ -168,11 +168,10 @@ inline bool ggml_to_float(GgmlType type, const std::uint8_t* p, float* out, std:
         out[i] = bf16_to_float(h);
       }
       return true;
-    case GgmlType::Q8_0:
-      ggml::dequantize_q8_0(p, out, n);
-      return true;
     default:
-      return false;
+      if (!ggml::can_dequantize(type)) return false;
+      ggml::dequantize(type, p, out, n);
+      return true;
   }
 }
 
@@ -270,16 +269,16 @@ class GgufFile {
     return std::vector<std::uint8_t>(p, p + info(name).bytes);
   }
 
-  /// Whether lora can convert tensors of `type` to floats (F32, F16, BF16, Q8_0 for now; the
-  /// other block-quantized types are handed out raw by data/raw).
+  /// Whether lora can convert tensors of `type` to floats: F32, F16, BF16, F64, and the block
+  /// types Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K; the other types are handed out raw by data/raw.
   static bool can_convert(GgmlType type) {
-    return type == GgmlType::F32 || type == GgmlType::F16 || type == GgmlType::BF16 ||
-           type == GgmlType::Q8_0 || type == GgmlType::F64;
+    return type == GgmlType::F64 || ggml::can_dequantize(type);
   }
 
   /// Every element of tensor `name`, in the file's order (ne[0] fastest), converted to T: F32,
-  /// F16, BF16 and F64 exactly, Q8_0 dequantized as ggml does. Other types throw FormatError
-  /// ("not supported yet": read their blocks with data or raw).
+  /// F16, BF16 and F64 exactly, the block types dequantized as ggml does (bit for bit). Other
+  /// types throw FormatError ("cannot dequantize": read their blocks with data or raw). A
+  /// block's non-finite fp16 scale gives non-finite values, as in ggml.
   template <typename T>
   std::vector<T> values(const std::string& name) const {
     const GgufTensorInfo& t = info(name);
@@ -325,8 +324,9 @@ class GgufFile {
   [[noreturn]] void unsupported(const GgufTensorInfo& t) const {
     throw FormatError("GGUF: \"" + source_ + "\": tensor " + detail::gguf_quote(t.name) +
                       " has ggml type " + ggml_type_traits(t.type).name +
-                      ", which lora cannot dequantize yet (supported: f32, f16, bf16, q8_0, "
-                      "f64); its raw blocks are available with GgufFile::data / raw");
+                      ", which lora cannot dequantize (supported: f32, f16, bf16, f64, q8_0, "
+                      "q4_0, q5_0, q4_K, q5_K, q6_K); its raw blocks are available with "
+                      "GgufFile::data / raw");
   }
 
   static bool is_little_endian() {

@@ -96,9 +96,11 @@ class GgufWriter {
 
   /// Adds the matrix `m` (rows x cols, e.g. a torch.nn.Linear weight, out x in) as a 2-D tensor
   /// with ne = [cols, rows], converted to `type`: F32, F16 or BF16 (rounded to nearest even), or
-  /// Q8_0 (ggml's reference quantizer; cols a multiple of 32). Throws std::invalid_argument for
-  /// another type and as add_tensor, std::domain_error (naming the tensor and the element) for
-  /// a value that is not finite or that the type cannot hold (1e5 in F16).
+  /// Q8_0, Q4_0 (cols a multiple of 32), Q4_K, Q6_K (of 256) by ggml's reference quantizers
+  /// (quantize_row_*_ref: the bytes llama-quantize writes without an importance matrix). Throws
+  /// std::invalid_argument for another type and as add_tensor, std::domain_error (naming the
+  /// tensor and the element) for a value that is not finite or that the type cannot hold (1e5 in
+  /// F16, a block whose scale overflows fp16).
   template <typename Derived>
   void add_matrix(const std::string& name, const Eigen::MatrixBase<Derived>& m, GgmlType type) {
     add_values(name, m, type,
@@ -272,10 +274,9 @@ class GgufWriter {
     using Scalar = typename Derived::Scalar;
     static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
                   "GGUF writer: tensors must hold float or double");
-    if (type != GgmlType::F32 && type != GgmlType::F16 && type != GgmlType::BF16 &&
-        type != GgmlType::Q8_0)
+    if (!ggml::can_quantize(type))
       throw std::invalid_argument("GGUF writer: tensor " + detail::gguf_quote(name) +
-                                  ": lora writes f32, f16, bf16 and q8_0, not " +
+                                  ": lora writes f32, f16, bf16, q8_0, q4_0, q4_K and q6_K, not " +
                                   ggml_type_traits(type).name);
     const std::size_t nbytes = check_shape(name, type, ne);
     // The elements in ggml's order: row by row of m (ne[0] = cols is the fastest axis).
@@ -317,7 +318,7 @@ class GgufWriter {
               overflow(i, j, static_cast<double>(v), "beyond the range of bf16");
             put(bytes, h);
             break;
-          default: {  // Q8_0: quantized from float, as ggml does
+          default: {  // a block type: quantized from float, as ggml does
             const auto x = static_cast<float>(v);
             if (!std::isfinite(x))
               overflow(i, j, static_cast<double>(v), "beyond the range of f32");
@@ -325,9 +326,22 @@ class GgufWriter {
           }
         }
       }
-    if (type == GgmlType::Q8_0) {
+    if (ggml_type_traits(type).block_size > 1) {
       bytes.resize(nbytes);
-      ggml::quantize_q8_0(f.data(), bytes.data(), f.size());
+      ggml::quantize(type, f.data(), bytes.data(), f.size());
+      // A block whose scale does not fit fp16 (|x| near 65504 times the type's largest level)
+      // would dequantize to inf or NaN in llama.cpp: refused, with the block's place.
+      const GgmlTypeTraits& t = ggml_type_traits(type);
+      std::vector<float> back(t.block_size);
+      for (std::size_t b = 0; b * t.block_size < f.size(); ++b) {
+        ggml::dequantize(type, bytes.data() + b * t.type_size, back.data(), t.block_size);
+        for (float x : back)
+          if (!std::isfinite(x)) {
+            const auto first = static_cast<Eigen::Index>(b * t.block_size);
+            overflow(first / cols, first % cols, static_cast<double>(m(first / cols, first % cols)),
+                     (std::string("in a block whose ") + t.name + " scale overflows f16").c_str());
+          }
+      }
     }
     return bytes;
   }
