@@ -6,11 +6,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
 #include "ggml-backend.h"
 #include "ggml.h"
+#include "ggml_blocks_harness.hpp"  // fuzz/: the fuzz_ggml_blocks target's checks
 #include "llama.h"
 #include "lora/io/ggml_quants.hpp"
 #include "lora/io/ggml_types.hpp"
@@ -185,6 +189,24 @@ TEST(LlamaCppReference, QuantizersWriteGgmlsBytes) {
                                block_bytes))
           << "block " << b << " of " << ours.size() / block_bytes;
   }
+}
+
+// The fuzz target fuzz_ggml_blocks's seeds (fuzz/seeds/ggml_blocks: every type, zero, huge and
+// tiny scales, inf and NaN scales and values) through its own checks, on every ctest run:
+// io::ggml::dequantize is ggml's to_float bit for bit, and GgmlFrozenWeight refuses exactly the
+// blocks ggml decodes to a non-finite value (a mismatch traps: this binary then fails).
+TEST(LlamaCppReference, FuzzSeedsOfTheBlockDequantizers) {
+  const std::filesystem::path dir = std::filesystem::path(LORA_FUZZ_DIR) / "seeds" / "ggml_blocks";
+  int inputs = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    std::ifstream in(entry.path(), std::ios::binary);
+    const std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(in)),
+                                          std::istreambuf_iterator<char>());
+    SCOPED_TRACE(entry.path().string());
+    lora::fuzz::exercise_ggml_blocks(bytes.data(), bytes.size());
+    ++inputs;
+  }
+  EXPECT_GE(inputs, 18);  // two per type: finite blocks, and non-finite ones
 }
 
 }  // namespace test_llama_cpp_reference
