@@ -49,7 +49,9 @@ io::GgufWriter merged_model_writer(const io::GgufFile& base,
                                    const std::map<std::string, LoRALinear<T, Frozen>>& layers,
                                    const MergedModelOptions& options = {}) {
   io::GgufWriter writer = io::GgufWriter::copy_of(base);
-  for (const auto& [name, layer] : layers) {
+  for (const auto& entry : layers) {
+    const std::string& name = entry.first;
+    const LoRALinear<T, Frozen>& layer = entry.second;
     auto fail = [&](const std::string& why) {
       return std::invalid_argument("GGUF write_merged_model: layer " + detail::quoted(name) + " " +
                                    why);
