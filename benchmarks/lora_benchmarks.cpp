@@ -20,7 +20,8 @@
 // prepacked, the default).
 // "GgmlQ4K", "GgmlQ8_0" = llama.cpp's Q4_K and Q8_0 blocks as the frozen base (GgmlFrozenWeight,
 // quantized by llama.cpp's own quantizer; bf16 panels into oneDNN when present, else fp32 panels;
-// batches of at most 8 columns through the fused decoding kernel), with the extra counter
+// batches of at most 8 columns through the fused decoding kernel); "GgmlQ6K", "GgmlQ4_0" the same
+// for Q6_K (the other half of a Q4_K_M file) and Q4_0, dense forward only; with the extra counter
 //   panel_bytes      the per-thread panel buffer a product holds beside w0_bytes
 #include "alloc_counter.hpp"
 
@@ -306,6 +307,8 @@ struct GgmlFrozen : lora::GgmlFrozenWeight {
 };
 using GgmlQ4K = GgmlFrozen<lora::io::GgmlType::Q4_K>;
 using GgmlQ8_0 = GgmlFrozen<lora::io::GgmlType::Q8_0>;
+using GgmlQ6K = GgmlFrozen<lora::io::GgmlType::Q6_K>;
+using GgmlQ4_0 = GgmlFrozen<lora::io::GgmlType::Q4_0>;
 
 #if defined(LORA_WITH_ONEDNN)
 /// The fp32 oneDNN storage reading its weight through strides (onednn::WeightLayout::Strided),
@@ -430,6 +433,8 @@ int main(int argc, char** argv) {
   add("BM_TrainStepGgmlQ4K", train_step<GgmlQ4K>);
   add("BM_DenseForwardGgmlQ8_0", dense_forward<GgmlQ8_0>);
   add("BM_TrainStepGgmlQ8_0", train_step<GgmlQ8_0>);
+  add("BM_DenseForwardGgmlQ6K", dense_forward<GgmlQ6K>);
+  add("BM_DenseForwardGgmlQ4_0", dense_forward<GgmlQ4_0>);
 
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

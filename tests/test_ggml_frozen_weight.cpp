@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -109,6 +110,68 @@ TEST(GgmlFrozenWeight, ProductsMatchADoubleProductOnTheDequantizedWeight) {
       for (Eigen::Index j = 0; j < 512; ++j)
         ASSERT_EQ(W(i, j), all[std::size_t(i * 512 + j)]) << name << " (" << i << ", " << j << ")";
     check_products(w, name);
+  }
+}
+
+TEST(GgmlFrozenWeight, FusedDecodingKernelsMatchADoubleProductForEveryBatchUpToEight) {
+  // The decoding kernels (n <= kSmallBatch; AVX-512 for Q8_0, Q4_0, Q4_K, Q6_K, several rows at
+  // a time) on one and several blocks per row, row counts that are no multiple of the rows decoded
+  // together (4 or 2), and every column count 1..8, against a double product on the dequantized
+  // weight; the other types through the portable loop.
+  for (GgmlType type : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K,
+                        GgmlType::Q5_0, GgmlType::Q5_K}) {
+    const std::int64_t bs = lora::io::ggml_type_traits(type).block_size;
+    for (std::int64_t blocks : {1, 3, 41}) {
+      for (std::int64_t rows : {1, 2, 3, 5, 7, 130}) {
+        const std::string what = std::string(lora::io::ggml_type_traits(type).name) + ", " +
+                                 std::to_string(blocks) + " blocks, " + std::to_string(rows) +
+                                 " rows";
+        const std::int64_t k = bs * blocks;
+        GgmlFrozenWeight w(random_blocks(type, k, rows, std::uint32_t(17 + rows + blocks)), type, k,
+                           rows, "blk.0.ffn_down.weight", lora::MergeMode::ExactRestore,
+                           lora::GgmlBackend::Portable);
+        const MatrixXd W = w.dequantized().cast<double>();
+        for (Eigen::Index n = 1; n <= GgmlFrozenWeight::kSmallBatch; ++n) {
+          SCOPED_TRACE(what + ", n = " + std::to_string(n));
+          const MatrixXd X = random_matrix(k, n, std::uint64_t(5 + n)).cast<double>();
+          const MatrixXd bound = W.cwiseAbs() * X.cwiseAbs();
+          MatrixXf H(rows, n);
+          w.multiply(X.cast<float>(), H);
+          expect_product_near(H, W * X, bound, "W X");
+          MatrixXf H2 = MatrixXf::Constant(rows, n, 0.25f);
+          w.multiply_add(X.cast<float>(), H2);
+          expect_product_near(H2, (W * X).array() + 0.25, bound.array() + 0.25, "W X + H");
+        }
+      }
+    }
+  }
+}
+
+TEST(GgmlFrozenWeight, Bf16RowsAreTheFp32RowsRounded) {
+  // What the oneDNN panels multiply: dequantize_row_bf16 = round_to_bf16(dequantize_row), bit for
+  // bit, from any block boundary, for whole and partial runs of blocks.
+  for (GgmlType type : {GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K,
+                        GgmlType::Q5_0, GgmlType::Q5_K}) {
+    const std::int64_t bs = lora::io::ggml_type_traits(type).block_size;
+    const std::int64_t k = bs * 12;
+    const GgmlFrozenWeight w(random_blocks(type, k, 3, 29), type, k, 3, "blk.1.attn_v.weight",
+                             lora::MergeMode::ExactRestore, lora::GgmlBackend::Portable);
+    std::vector<float> f(static_cast<std::size_t>(k));
+    std::vector<lora::detail::bf16> b(static_cast<std::size_t>(k) + 1);
+    for (Eigen::Index row = 0; row < 3; ++row)
+      for (Eigen::Index col0 : {Eigen::Index(0), Eigen::Index(bs), Eigen::Index(5 * bs)})
+        for (Eigen::Index count : {Eigen::Index(1), Eigen::Index(17), Eigen::Index(bs),
+                                   Eigen::Index(3 * bs + 5), Eigen::Index(k - col0)}) {
+          if (col0 + count > k) continue;
+          w.dequantize_row(row, col0, count, f.data());
+          std::fill(b.begin(), b.end(), lora::detail::bf16(0xabcd));
+          w.dequantize_row_bf16(row, col0, count, b.data());
+          for (Eigen::Index i = 0; i < count; ++i)
+            ASSERT_EQ(b[std::size_t(i)], lora::detail::round_to_bf16(f[std::size_t(i)]))
+                << lora::io::ggml_type_traits(type).name << " row " << row << ", col0 " << col0
+                << ", count " << count << ", i " << i;
+          ASSERT_EQ(b[std::size_t(count)], 0xabcd) << "wrote past count";
+        }
   }
 }
 

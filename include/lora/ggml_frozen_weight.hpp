@@ -16,9 +16,11 @@
 // (or G) to bf16 (relative 2^-9) and accumulate in fp32.
 //
 // Decoding: a batch of at most kSmallBatch columns (n = 1 serves one token) skips the panels: each
-// row's blocks are decoded and dotted with X in registers, reading each block once (Q4_K with
-// AVX-512: W(i, sub-block) . x = d*sc * (q . x) - dmin*m * sum(x), the sums of x computed once per
-// product). Same bound as the Portable product, the sums in another order.
+// row's blocks are decoded and dotted with X in registers, reading each block once (Q8_0, Q4_0,
+// Q4_K, Q6_K with AVX-512: ggml's own fp32 weights rebuilt in registers, several rows at a time,
+// lora/detail/ggml_decode_kernels.hpp; the other types, and every type without AVX-512, a few
+// blocks at a time through a small buffer). Same bound as the Portable product, the sums in another
+// order.
 //
 // Memory: packed_bytes() are the blocks as stored (Q4_K: 4.5 bits per weight, Q6_K: 6.5625, Q8_0:
 // 8.5, Q4_0: 4.5), plus, per thread that runs a product, a panel buffer of panel_bytes().
@@ -37,6 +39,7 @@
 #include "lora/detail/check.hpp"
 #include "lora/detail/finite.hpp"
 #include "lora/detail/gemm.hpp"
+#include "lora/detail/ggml_decode_kernels.hpp"
 #include "lora/detail/panel_storage.hpp"
 #include "lora/frozen_storage.hpp"
 #include "lora/io/format_error.hpp"
@@ -55,11 +58,6 @@
 #include <string>
 #include <utility>
 #include <vector>
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define LORA_GGML_AVX512 1
-#endif
 
 namespace lora {
 
@@ -192,7 +190,8 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
   static bool onednn_available() { return detail::onednn_bf16_available(); }
   /// What GgmlBackend::Auto runs on this machine (as Nf4FrozenWeight::backend_report()).
   static std::string backend_report() { return detail::bf16_backend_report(); }
-  /// True when the fused decoding kernel of Q4_K runs AVX-512 (else the portable loops).
+  /// True when the fused decoding kernels of Q8_0, Q4_0, Q4_K and Q6_K run AVX-512 (else the
+  /// portable loops, which dequantize a few blocks at a time).
   static constexpr bool fused_avx512() {
 #if defined(LORA_GGML_AVX512)
     return true;
@@ -233,16 +232,17 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
     eigen_assert(col0 % bs == 0 && col0 + count <= k_);
     const std::uint8_t* p = block_at(row, col0 / bs);
     const Index full = count / bs * bs;
-    io::ggml::dequantize(type_, p, out, std::size_t(full));
+    dequantize_blocks(p, full, out);
     if (full < count) {  // a last partial block (the padding of a quantize()d W0)
       float tail[kMaxAlignment];
-      io::ggml::dequantize(type_, p + std::size_t(full / bs) * t.type_size, tail, std::size_t(bs));
+      dequantize_blocks(p + std::size_t(full / bs) * t.type_size, bs, tail);
       std::copy(tail, tail + (count - full), out + full);
     }
   }
   /// As dequantize_row, rounded to bf16: the weight the oneDNN back end multiplies.
   void dequantize_row_bf16(Index row, Index col0, Index count, detail::bf16* out) const {
-    const Index unit = column_alignment();
+    const Index bs = io::ggml_type_traits(type_).block_size;
+    const Index unit = bs == 1 ? 64 : kMaxAlignment / bs * bs;  // 256 values, whole blocks
     float chunk[kMaxAlignment];
     for (Index done = 0; done < count; done += unit) {
       const Index m = std::min(unit, count - done);
@@ -263,6 +263,18 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
     d_ = d;
     k_ = k;
     row_values_ = width;
+  }
+
+  /// out[0, n) = the values of the blocks at p (n a whole number of blocks): ggml's dequantizer,
+  /// or its AVX-512 form (the same values bit for bit) for the types with a fused kernel.
+  void dequantize_blocks(const std::uint8_t* p, Index n, float* out) const {
+    if (detail::ggml_decode::has_kernel(type_)) {
+#if defined(LORA_GGML_AVX512)
+      detail::ggml_decode::dequantize(type_, p, n, out);
+      return;
+#endif
+    }
+    io::ggml::dequantize(type_, p, out, std::size_t(n));
   }
 
   const std::uint8_t* block_at(Index row, Index block) const {
@@ -376,16 +388,19 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
     const Index n = X.cols();
     if (n > kSmallBatch) return false;
     const Index kp = row_values_;
-    const bool q4k = type_ == io::GgmlType::Q4_K;
-    const Index sub = kp / 32;  // Q4_K: the sums of x over each sub-block of 32, per column
-    float* x = buffer_f32(1, kp * n + (q4k ? sub * n : 0));
+    const bool fused = detail::ggml_decode::has_kernel(type_);
+    // Portable Q4_K: the sums of x over each sub-block of 32, per column.
+    const bool q4k_sums = !fused && type_ == io::GgmlType::Q4_K;
+    const Index sub = kp / 32;
+    // After x: the fused kernels' partial sums (d x n), or the portable Q4_K's sums of x.
+    float* x = buffer_f32(1, kp * n + (fused ? d_ * n : q4k_sums ? sub * n : 0));
     for (Index j = 0; j < n; ++j) {
       float* xj = x + j * kp;
       std::copy(X.col(j).data(), X.col(j).data() + k_, xj);
       std::fill(xj + k_, xj + kp, 0.0f);
     }
-    float* xsum = x + kp * n;
-    if (q4k)
+    float* xsum = x + kp * n;  // also the fused kernels' partial sums
+    if (q4k_sums)
       for (Index j = 0; j < n; ++j)
         for (Index s = 0; s < sub; ++s) {
           float acc = 0.0f;
@@ -396,16 +411,54 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
     const Index chunk = (d_ + threads - 1) / threads;
     detail::parallel_for(threads, threads, [&](Index t) {
       const Index i0 = t * chunk, i1 = std::min(d_, i0 + chunk);
+      const auto store = [&](Index i, const float* acc) {
+        for (Index j = 0; j < n; ++j) H(i, j) = accumulate ? H(i, j) + acc[j] : acc[j];
+      };
+      if (fused) {
+        fused_rows(i0, i1, x, n, xsum + i0 * n, store);
+        return;
+      }
       float acc[kSmallBatch];
       for (Index i = i0; i < i1; ++i) {
-        if (q4k)
+        if (q4k_sums)
           dot_q4_k(i, x, xsum, n, acc);
         else
           dot_rows(i, x, n, acc);
-        for (Index j = 0; j < n; ++j) H(i, j) = accumulate ? H(i, j) + acc[j] : acc[j];
+        store(i, acc);
       }
     });
     return true;
+  }
+
+  /// Rows [i0, i1) through the fused AVX-512 kernel of the type (detail/ggml_decode_kernels.hpp),
+  /// compiled for each column count up to kSmallBatch.
+  template <typename Store>
+  void fused_rows(Index i0, Index i1, const float* x, Index n, float* partial,
+                  const Store& store) const {
+#if defined(LORA_GGML_AVX512)
+    const std::uint8_t* w = data_.data();
+    const std::ptrdiff_t kp = row_values_;
+    switch (n) {
+      case 1:
+        return detail::ggml_decode::rows<1>(type_, w, row_bytes_, kp, x, i0, i1, partial, store);
+      case 2:
+        return detail::ggml_decode::rows<2>(type_, w, row_bytes_, kp, x, i0, i1, partial, store);
+      case 3:
+        return detail::ggml_decode::rows<3>(type_, w, row_bytes_, kp, x, i0, i1, partial, store);
+      case 4:
+        return detail::ggml_decode::rows<4>(type_, w, row_bytes_, kp, x, i0, i1, partial, store);
+      case 5:
+        return detail::ggml_decode::rows<5>(type_, w, row_bytes_, kp, x, i0, i1, partial, store);
+      case 6:
+        return detail::ggml_decode::rows<6>(type_, w, row_bytes_, kp, x, i0, i1, partial, store);
+      case 7:
+        return detail::ggml_decode::rows<7>(type_, w, row_bytes_, kp, x, i0, i1, partial, store);
+      default:
+        return detail::ggml_decode::rows<8>(type_, w, row_bytes_, kp, x, i0, i1, partial, store);
+    }
+#else
+    (void)i0, (void)i1, (void)x, (void)n, (void)partial, (void)store;
+#endif
   }
 
   /// acc[j] = row i of dequant(W0) . x_j, block by block through a small buffer (any type).
@@ -424,13 +477,10 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
     }
   }
 
-  /// acc[j] = row i of a Q4_K W0 . x_j: per sub-block d*sc * (q . x) - dmin*m * sum(x).
+  /// acc[j] = row i of a Q4_K W0 . x_j without AVX-512: per sub-block d*sc * (q . x) - dmin*m *
+  /// sum(x).
   void dot_q4_k(Index i, const float* x, const float* xsum, Index n, float* acc) const {
     const Index kp = row_values_, sub = kp / 32;
-#if defined(LORA_GGML_AVX512)
-    __m512 vacc[kSmallBatch];
-    for (Index j = 0; j < n; ++j) vacc[j] = _mm512_setzero_ps();
-#endif
     float mins[kSmallBatch] = {};
     float plain[kSmallBatch] = {};
     for (Index sb = 0; sb < kp / 256; ++sb) {
@@ -446,27 +496,6 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
       for (Index j = 0; j < n; ++j)
         for (int s = 0; s < 8; ++s) mins[j] += mm[s] * xsum[j * sub + sb * 8 + s];
       const std::uint8_t* qs = block + 16;
-#if defined(LORA_GGML_AVX512)
-      const __m256i low = _mm256_set1_epi8(0x0f);
-      for (int p = 0; p < 4; ++p) {  // 64 values: sub-block 2p in the low nibbles, 2p+1 high
-        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * p));
-        const __m256i lo = _mm256_and_si256(bytes, low);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo)));
-        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1)));
-        const __m512 q2 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi)));
-        const __m512 q3 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1)));
-        const __m512 d_lo = _mm512_set1_ps(dsc[2 * p]), d_hi = _mm512_set1_ps(dsc[2 * p + 1]);
-        for (Index j = 0; j < n; ++j) {
-          const float* xv = x + j * kp + sb * 256 + 64 * p;
-          const __m512 s_lo =
-              _mm512_fmadd_ps(q1, _mm512_loadu_ps(xv + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xv)));
-          const __m512 s_hi = _mm512_fmadd_ps(q3, _mm512_loadu_ps(xv + 48),
-                                              _mm512_mul_ps(q2, _mm512_loadu_ps(xv + 32)));
-          vacc[j] = _mm512_fmadd_ps(d_hi, s_hi, _mm512_fmadd_ps(d_lo, s_lo, vacc[j]));
-        }
-      }
-#else
       for (int p = 0; p < 4; ++p) {
         for (Index j = 0; j < n; ++j) {
           const float* xv = x + j * kp + sb * 256 + 64 * p;
@@ -478,16 +507,8 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
           plain[j] += dsc[2 * p] * s_lo + dsc[2 * p + 1] * s_hi;
         }
       }
-#endif
     }
-    for (Index j = 0; j < n; ++j) {
-#if defined(LORA_GGML_AVX512)
-      alignas(64) float lanes[16];
-      _mm512_store_ps(lanes, vacc[j]);
-      for (float v : lanes) plain[j] += v;
-#endif
-      acc[j] = plain[j] - mins[j];
-    }
+    for (Index j = 0; j < n; ++j) acc[j] = plain[j] - mins[j];
   }
 
   io::GgmlType type_;
