@@ -270,7 +270,7 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
   void dequantize_blocks(const std::uint8_t* p, Index n, float* out) const {
     if (detail::ggml_decode::has_kernel(type_)) {
 #if defined(LORA_GGML_AVX512)
-      detail::ggml_decode::dequantize(type_, p, n, out);
+      detail::ggml_decode::dequantize(type_, p, n, out, std::ptrdiff_t(row_bytes_));
       return;
 #endif
     }

@@ -284,14 +284,18 @@ inline void q6_k(const std::uint8_t* w, std::size_t row_bytes, std::ptrdiff_t co
 }
 
 /// out[0, n) = ggml's fp32 values of the blocks at p (n a whole number of blocks of a type with
-/// a kernel here), bit for bit those of io::ggml::dequantize: what the panels multiply.
-inline void dequantize(io::GgmlType type, const std::uint8_t* p, std::ptrdiff_t n, float* out) {
+/// a kernel here), bit for bit those of io::ggml::dequantize: what the panels multiply. pf: the
+/// byte offset of the blocks to prefetch (the same columns of the next row: a panel decodes row
+/// after row, whole rows or segments of a few blocks).
+inline void dequantize(io::GgmlType type, const std::uint8_t* p, std::ptrdiff_t n, float* out,
+                       std::ptrdiff_t pf) {
   const auto bytes16 = [](const std::uint8_t* q) {
     return _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
   };
   switch (type) {
     case io::GgmlType::Q8_0:
       for (std::ptrdiff_t c = 0; c < n; c += 32, p += 34) {
+        prefetch(p + pf);
         const __m512 d = _mm512_set1_ps(half(p));
         _mm512_storeu_ps(
             out + c, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes16(p + 2))), d));
@@ -303,6 +307,7 @@ inline void dequantize(io::GgmlType type, const std::uint8_t* p, std::ptrdiff_t 
     case io::GgmlType::Q4_0: {
       const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
       for (std::ptrdiff_t c = 0; c < n; c += 32, p += 18) {
+        prefetch(p + pf);
         const __m512 table = _mm512_mul_ps(levels, _mm512_set1_ps(half(p)));
         const __m512i q = _mm512_cvtepu8_epi32(bytes16(p + 2));
         _mm512_storeu_ps(out + c, _mm512_permutexvar_ps(q, table));
@@ -313,6 +318,7 @@ inline void dequantize(io::GgmlType type, const std::uint8_t* p, std::ptrdiff_t 
     case io::GgmlType::Q4_K: {
       const __m512 levels = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
       for (std::ptrdiff_t c = 0; c < n; c += 256, p += 144) {
+        for (int l = 0; l < 3; ++l) prefetch(p + pf + 64 * l);
         const __m512 dm = _mm512_castpd_ps(
             _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(half(p)))),
                                _mm256_castps_pd(_mm256_set1_ps(half(p + 2))), 1));
@@ -341,6 +347,7 @@ inline void dequantize(io::GgmlType type, const std::uint8_t* p, std::ptrdiff_t 
       const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(0x30),
                     m32 = _mm256_set1_epi8(32);
       for (std::ptrdiff_t c = 0; c < n; c += 256, p += 210) {
+        for (int l = 0; l < 4; ++l) prefetch(p + pf + 64 * l);
         alignas(64) float scale[16];
         _mm512_store_ps(scale,
                         _mm512_mul_ps(_mm512_set1_ps(half(p + 208)),
