@@ -3,15 +3,39 @@
 // class, temporary paths, reading a file's bytes.
 #pragma once
 
+#include <Eigen/Core>
+
 #include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <random>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "lora/optim.hpp"
+
 namespace gguf_test {
+
+/// Trains `layer` 15 AdamW steps (learning rate `lr`) on a regression of 16 random inputs toward
+/// random targets (drawn from `rng`), so that its B is far from zero: an adapter for the files.
+template <typename Layer>
+void train_toward_random_targets(Layer& layer, std::mt19937& rng, double lr) {
+  std::normal_distribution<float> normal;
+  Eigen::MatrixXf X(layer.in_features(), 16), Y(layer.out_features(), 16);
+  for (Eigen::Index i = 0; i < X.size(); ++i) X.data()[i] = normal(rng);
+  for (Eigen::Index i = 0; i < Y.size(); ++i) Y.data()[i] = normal(rng);
+  lora::AdamWOptions opt;
+  opt.lr = lr;
+  lora::AdamW<float> adam(layer.parameters(), opt);
+  for (int step = 0; step < 15; ++step) {
+    layer.zero_grad();
+    const Eigen::MatrixXf H = layer.forward(X);
+    layer.backward(X, (2.0f / 16.0f) * (H - Y));
+    adam.step();
+  }
+}
 
 inline std::string tmp_path(const std::string& name) {
   return std::string(LORA_TEST_TMP_DIR) + "/gguf_" + name;

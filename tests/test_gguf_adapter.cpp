@@ -60,24 +60,12 @@ const Eigen::MatrixXd& bare_log_probs() {
 Layers train(const std::map<std::string, lora::LoRAConfig>& configs, unsigned seed) {
   Layers layers;
   std::mt19937 rng(seed);
-  std::normal_distribution<float> normal;
   for (const auto& [name, cfg] : configs) {
     auto& layer = layers
                       .emplace(name, lora::LoRALinear<float>(
                                          lora::gguf::read_matrix<float>(base_file(), name), cfg))
                       .first->second;
-    Eigen::MatrixXf X(layer.in_features(), 16), Y(layer.out_features(), 16);
-    for (Eigen::Index i = 0; i < X.size(); ++i) X.data()[i] = normal(rng);
-    for (Eigen::Index i = 0; i < Y.size(); ++i) Y.data()[i] = normal(rng);
-    lora::AdamWOptions opt;
-    opt.lr = 0.05;
-    lora::AdamW<float> adam(layer.parameters(), opt);
-    for (int step = 0; step < 15; ++step) {
-      layer.zero_grad();
-      const Eigen::MatrixXf H = layer.forward(X);
-      layer.backward(X, (2.0f / 16.0f) * (H - Y));
-      adam.step();
-    }
+    gguf_test::train_toward_random_targets(layer, rng, 0.05);
   }
   return layers;
 }

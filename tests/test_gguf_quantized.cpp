@@ -86,25 +86,13 @@ std::vector<std::string> adapted() {
 QLayers train(const GgufFile& base, unsigned seed) {
   QLayers layers;
   std::mt19937 rng(seed);
-  std::normal_distribution<float> normal;
   lora::LoRAConfig cfg;
   cfg.rank = 4;
   cfg.alpha = 8;
   for (const auto& name : adapted()) {
     auto& layer = layers.emplace(name, QLayer(lora::gguf::read_ggml_weight(base, name), {}, cfg))
                       .first->second;
-    Eigen::MatrixXf X(layer.in_features(), 16), Y(layer.out_features(), 16);
-    for (Eigen::Index i = 0; i < X.size(); ++i) X.data()[i] = normal(rng);
-    for (Eigen::Index i = 0; i < Y.size(); ++i) Y.data()[i] = normal(rng);
-    lora::AdamWOptions opt;
-    opt.lr = 0.005;
-    lora::AdamW<float> adam(layer.parameters(), opt);
-    for (int step = 0; step < 15; ++step) {
-      layer.zero_grad();
-      const Eigen::MatrixXf H = layer.forward(X);
-      layer.backward(X, (2.0f / 16.0f) * (H - Y));
-      adam.step();
-    }
+    gguf_test::train_toward_random_targets(layer, rng, 0.005);
   }
   return layers;
 }
