@@ -150,29 +150,9 @@ inline bool gguf_valid_value_type(std::int32_t t) {
 /// Dequantizes `n` values of `type` at `p` into floats as ggml does (bit for bit), or returns
 /// false when lora cannot convert the type (see ggml::can_dequantize).
 inline bool ggml_to_float(GgmlType type, const std::uint8_t* p, float* out, std::size_t n) {
-  switch (type) {
-    case GgmlType::F32:
-      if (n > 0) std::memcpy(out, p, n * sizeof(float));  // out is null for an empty tensor
-      return true;
-    case GgmlType::F16:
-      for (std::size_t i = 0; i < n; ++i) {
-        std::uint16_t h;
-        std::memcpy(&h, p + 2 * i, 2);
-        out[i] = f16_to_float(h);
-      }
-      return true;
-    case GgmlType::BF16:
-      for (std::size_t i = 0; i < n; ++i) {
-        std::uint16_t h;
-        std::memcpy(&h, p + 2 * i, 2);
-        out[i] = bf16_to_float(h);
-      }
-      return true;
-    default:
-      if (!ggml::can_dequantize(type)) return false;
-      ggml::dequantize(type, p, out, n);
-      return true;
-  }
+  if (!ggml::can_dequantize(type)) return false;
+  if (n > 0) ggml::dequantize(type, p, out, n);  // out is null for an empty tensor
+  return true;
 }
 
 }  // namespace detail
