@@ -118,6 +118,31 @@ TEST(GgufBase, ReadsGgmlWrittenWeightsIntoFrozenStorages) {
   ggml_free(ctx);
 }
 
+TEST(GgufBase, NonFiniteWeightsAreRefusedNamingTheTensor) {
+  // A Q4_K block whose fp16 d is infinity, and an F16 weight holding a NaN: corrupt weights.
+  std::vector<std::uint8_t> q4k(144, 0x11);
+  q4k[0] = 0x00;
+  q4k[1] = 0x7c;
+  lora::io::GgufWriter w;
+  w.add_tensor("blk.0.attn_q.weight", GgmlType::Q4_K, {256, 1}, q4k);
+  w.add_tensor("blk.0.attn_k.weight", GgmlType::F16, {2, 1}, {0x00, 0x3c, 0x00, 0x7e});
+  const GgufFile f = GgufFile::parse(w.serialize());
+  for (const char* name : {"blk.0.attn_q.weight", "blk.0.attn_k.weight"}) {
+    try {
+      lora::gguf::read_matrix<float>(f, name);
+      ADD_FAILURE() << name << " read";
+    } catch (const lora::io::FormatError& e) {
+      EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("finite"), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(lora::gguf::read_dense_weight<double>(f, name), lora::io::FormatError) << name;
+    EXPECT_THROW(lora::gguf::read_ggml_weight(f, name), lora::io::FormatError) << name;
+  }
+  // The container still hands the values out as ggml decodes them.
+  EXPECT_TRUE(std::isinf(f.values<float>("blk.0.attn_q.weight")[0]) ||
+              std::isnan(f.values<float>("blk.0.attn_q.weight")[0]));
+}
+
 TEST(GgufBase, CopyOfAFileGivesItsBytesBack) {
   const auto model = tiny_llama::make();
   const auto bytes = tiny_llama::writer(model).serialize();

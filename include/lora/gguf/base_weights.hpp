@@ -33,8 +33,9 @@
 namespace lora::gguf {
 
 /// The 2-D tensor `name` of `file` as a T matrix, out x in (rows = ne[1], cols = ne[0]). Throws
-/// io::FormatError when the file has no such tensor, when it is not 2-D, or when its type cannot
-/// be converted yet.
+/// io::FormatError when the file has no such tensor, when it is not 2-D, when its type cannot
+/// be converted, or when it holds a value that is not finite (a NaN or infinite value, or a
+/// block's non-finite fp16 scale: a corrupt weight, refused as GgmlFrozenWeight refuses it).
 template <typename T>
 Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> read_matrix(const io::GgufFile& file,
                                                              const std::string& name) {
@@ -43,7 +44,17 @@ Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> read_matrix(const io::GgufFile&
     throw io::FormatError("GGUF: \"" + file.source() + "\": tensor " +
                           io::detail::gguf_quote(name) +
                           " is not a 2-D weight: " + t.shape_string());
-  return file.matrix<T>(name);
+  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> m = file.matrix<T>(name);
+  if (!m.allFinite()) {
+    Eigen::Index row = 0, col = 0;
+    (!m.array().isFinite()).template cast<int>().maxCoeff(&row, &col);
+    throw io::FormatError("GGUF: \"" + file.source() + "\": tensor " +
+                          io::detail::gguf_quote(name) + " (" + io::ggml_type_traits(t.type).name +
+                          ") holds " + std::to_string(static_cast<double>(m(row, col))) +
+                          " at row " + std::to_string(row) + ", column " + std::to_string(col) +
+                          ": a base weight must be finite");
+  }
+  return m;
 }
 
 /// The 1-D tensor `name` (a norm's weight, a bias) as a T vector; throws io::FormatError as
