@@ -12,6 +12,7 @@
 // storage) are instantiated in the user's file as usual.
 #pragma once
 
+#include "lora/detail/compiled_mode.hpp"
 #include "lora/lora.hpp"
 
 #if defined(LORA_EXTERN_TEMPLATES) || defined(LORA_COMPILED_INSTANTIATE)

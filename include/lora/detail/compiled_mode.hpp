@@ -24,3 +24,11 @@
 #define LORA_FUNC inline
 #define LORA_WITH_BODIES 1
 #endif
+
+// lora::compiled is built on lora::peft alone: its bodies know neither oneDNN nor a BLAS. A file
+// that sees LORA_WITH_ONEDNN or a BLAS would lay out and run the same classes differently from the
+// library (an ODR violation, silently wrong): such a program stays header-only.
+#if defined(LORA_EXTERN_TEMPLATES) && !defined(LORA_COMPILED_INSTANTIATE) && \
+    (defined(LORA_WITH_ONEDNN) || defined(LORA_WITH_BLIS) || defined(LORA_WITH_OPENBLAS))
+#error "lora::compiled is built without oneDNN and BLAS: a program linking lora::onednn or lora::blas links lora::peft (header-only) instead of lora::compiled"
+#endif
