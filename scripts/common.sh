@@ -58,7 +58,7 @@ lora_ensure_dependencies() {
 LORA_FULL_OPTIONS=(-DCMAKE_BUILD_TYPE=Release -DLORA_WERROR=ON -DLORA_NATIVE=ON
   -DLORA_BUILD_TESTS=ON -DLORA_BUILD_EXAMPLES=ON -DLORA_BUILD_BENCHMARKS=ON
   -DLORA_BUILD_FUZZERS=OFF -DLORA_INSTALL=ON -DLORA_UNITY_TESTS=ON
-  -DLORA_WITH_ONEDNN=ON -DLORA_WITH_MPI=ON)
+  -DLORA_WITH_ONEDNN=ON -DLORA_WITH_MPI=ON -DLORA_BUILD_COMPILED=ON)
 
 # lora_configure BUILD_DIR: configure the full build (every option above). The tests compare with
 # llama.cpp's own prebuilt libraries: fetched first (scripts/fetch_llama_cpp, npm), or the build fails.
