@@ -2,6 +2,7 @@
 #pragma once
 
 #include "lora/detail/check.hpp"
+#include "lora/detail/compiled_mode.hpp"
 
 #include <cmath>
 #include <cstdint>
@@ -70,29 +71,37 @@ struct LoRAConfig {
   }
 
   /// Throws std::invalid_argument when the settings cannot describe an adapter.
-  void validate() const {
-    detail::require(rank >= 1, "LoRAConfig: rank must be at least 1, got ", rank);
-    detail::require(std::isfinite(alpha), "LoRAConfig: alpha must be finite, got ", alpha);
-    detail::require(dropout >= 0.0 && dropout < 1.0, "LoRAConfig: dropout must be in [0, 1), got ",
-                    dropout);  // NaN fails both comparisons
-    detail::require(svd_iterations >= 0, "LoRAConfig: svd_iterations must be >= 0, got ",
-                    svd_iterations);
-    detail::require(loftq_iterations >= 1, "LoRAConfig: loftq_iterations must be >= 1, got ",
-                    loftq_iterations);
-    detail::require(init != Init::Orthogonal || rank % 2 == 0,
-                    "LoRAConfig: Init::Orthogonal needs an even rank, got ", rank);
-    detail::require(!(use_dora && changes_base(init)),
-                    "LoRAConfig: PiSSA, OLoRA and LoftQ change the base weight and cannot be "
-                    "combined with DoRA here");
-  }
+  void validate() const;
 
   /// As validate(), and also that the rank fits a d x k layer: r <= min(d, k).
-  void validate_for(long long out_features, long long in_features) const {
-    validate();
-    const long long limit = out_features < in_features ? out_features : in_features;
-    detail::require(rank <= limit, "LoRAConfig: rank must be at most min(out, in) = ", limit,
-                    " for a ", out_features, " x ", in_features, " weight, got ", rank);
-  }
+  void validate_for(long long out_features, long long in_features) const;
 };
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC void LoRAConfig::validate() const {
+  detail::require(rank >= 1, "LoRAConfig: rank must be at least 1, got ", rank);
+  detail::require(std::isfinite(alpha), "LoRAConfig: alpha must be finite, got ", alpha);
+  detail::require(dropout >= 0.0 && dropout < 1.0, "LoRAConfig: dropout must be in [0, 1), got ",
+                  dropout);  // NaN fails both comparisons
+  detail::require(svd_iterations >= 0, "LoRAConfig: svd_iterations must be >= 0, got ",
+                  svd_iterations);
+  detail::require(loftq_iterations >= 1, "LoRAConfig: loftq_iterations must be >= 1, got ",
+                  loftq_iterations);
+  detail::require(init != Init::Orthogonal || rank % 2 == 0,
+                  "LoRAConfig: Init::Orthogonal needs an even rank, got ", rank);
+  detail::require(!(use_dora && changes_base(init)),
+                  "LoRAConfig: PiSSA, OLoRA and LoftQ change the base weight and cannot be "
+                  "combined with DoRA here");
+}
+
+LORA_FUNC void LoRAConfig::validate_for(long long out_features, long long in_features) const {
+  validate();
+  const long long limit = out_features < in_features ? out_features : in_features;
+  detail::require(rank <= limit, "LoRAConfig: rank must be at most min(out, in) = ", limit,
+                  " for a ", out_features, " x ", in_features, " weight, got ", rank);
+}
+
+#endif  // LORA_WITH_BODIES
 
 }  // namespace lora

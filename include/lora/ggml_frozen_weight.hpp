@@ -37,6 +37,7 @@
 #include "lora/detail/bf16.hpp"
 #include "lora/detail/bf16_backend.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/detail/compiled_mode.hpp"
 #include "lora/detail/finite.hpp"
 #include "lora/detail/gemm.hpp"
 #include "lora/detail/ggml_decode_kernels.hpp"
@@ -83,13 +84,7 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
   GgmlFrozenWeight(std::vector<std::uint8_t> data, io::GgmlType type, std::int64_t ne0,
                    std::int64_t ne1, const std::string& name = "the tensor",
                    MergeMode mode = MergeMode::ExactRestore,
-                   GgmlBackend backend = GgmlBackend::Auto)
-      : type_(type), data_(std::move(data)), name_(name) {
-    check_tensor(mode, ne0, ne1);
-    d_ = Index(ne1);
-    k_ = row_values_ = Index(ne0);
-    finish(backend);
-  }
+                   GgmlBackend backend = GgmlBackend::Auto);
 
   /// As above, copying `bytes` bytes from `data` (e.g. a tensor of a memory-mapped file).
   GgmlFrozenWeight(const std::uint8_t* data, std::size_t bytes, io::GgmlType type, std::int64_t ne0,
@@ -106,75 +101,21 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
   /// std::domain_error for a non-finite element or a block whose scale overflows fp16.
   static GgmlFrozenWeight quantize(const Eigen::Ref<const Matrix>& W0, io::GgmlType type,
                                    MergeMode mode = MergeMode::ExactRestore,
-                                   GgmlBackend backend = GgmlBackend::Auto) {
-    detail::require(W0.size() > 0, "GgmlFrozenWeight::quantize: W0 must not be empty, got ",
-                    detail::shape_string(W0.rows(), W0.cols()));
-    detail::require(io::ggml::can_quantize(type),
-                    "GgmlFrozenWeight::quantize: lora cannot "
-                    "quantize into ",
-                    io::ggml_type_traits(type).name,
-                    "; it quantizes into f32, f16, bf16, q8_0, q4_0, q4_K and q6_K");
-    detail::require_finite("GgmlFrozenWeight::quantize", "W0", W0);
-    const Index unit = io::ggml_type_traits(type).block_size;
-    const Index width = (W0.cols() + unit - 1) / unit * unit;
-    std::vector<std::uint8_t> bytes = ggml_encode(W0, type);
-    GgmlFrozenWeight w(Private{}, type, std::move(bytes), W0.rows(), W0.cols(), width);
-    w.check_mode(mode);
-    try {
-      w.check_values();
-    } catch (const io::FormatError& e) {
-      throw std::domain_error(detail::concat("GgmlFrozenWeight::quantize: W0 does not fit ",
-                                             io::ggml_type_traits(type).name,
-                                             " (a block scale overflows fp16): ", e.what()));
-    }
-    w.finish(backend);
-    return w;
-  }
+                                   GgmlBackend backend = GgmlBackend::Auto);
 
   /// The blocks of an fp32 matrix W (out x in) in `type`, rows one after another as a GGUF tensor
   /// of ne = [in, out] stores them, each row padded with zeros to a whole number of blocks: what
   /// a GGUF writer writes for a merged model (merged_weight()). Throws std::invalid_argument for a
   /// type lora cannot quantize into and std::domain_error for a non-finite element.
   static std::vector<std::uint8_t> ggml_encode(const Eigen::Ref<const Matrix>& W,
-                                               io::GgmlType type) {
-    detail::require(io::ggml::can_quantize(type),
-                    "GgmlFrozenWeight::ggml_encode: lora cannot "
-                    "quantize into ",
-                    io::ggml_type_traits(type).name,
-                    "; it quantizes into f32, f16, bf16, q8_0, q4_0, q4_K and q6_K");
-    detail::require_finite("GgmlFrozenWeight::ggml_encode", "W", W);
-    const io::GgmlTypeTraits& t = io::ggml_type_traits(type);
-    const Index unit = t.block_size;
-    const Index width = (W.cols() + unit - 1) / unit * unit;
-    const std::size_t row_bytes = std::size_t(width / unit) * t.type_size;
-    std::vector<std::uint8_t> bytes(row_bytes * std::size_t(W.rows()));
-    std::vector<float> row(std::size_t(width), 0.0f);
-    for (Index i = 0; i < W.rows(); ++i) {
-      for (Index j = 0; j < W.cols(); ++j) row[std::size_t(j)] = W(i, j);
-      io::ggml::quantize(type, row.data(), bytes.data() + std::size_t(i) * row_bytes,
-                         std::size_t(width));
-    }
-    return bytes;
-  }
+                                               io::GgmlType type);
 
   /// W0 = the blocks of W (same shape) in this storage's type, made as quantize() makes them: the
   /// residual base of PiSSA and OLoRA, kept as llama.cpp would store it. Throws std::logic_error
   /// while merged, std::invalid_argument for another shape or a type lora cannot quantize into
   /// (q5_0, q5_K), std::domain_error for a non-finite element or a block scale that overflows
   /// fp16; the weight is then left as it was.
-  void rebase(const Eigen::Ref<const Matrix>& W) {
-    this->check_rebase_call("GgmlFrozenWeight::rebase", W);
-    std::vector<std::uint8_t> bytes = ggml_encode(W, type_);
-    std::swap(data_, bytes);
-    try {
-      check_values();
-    } catch (const io::FormatError& e) {
-      std::swap(data_, bytes);
-      throw std::domain_error(detail::concat("GgmlFrozenWeight::rebase: W does not fit ",
-                                             io::ggml_type_traits(type_).name,
-                                             " (a block scale overflows fp16): ", e.what()));
-    }
-  }
+  void rebase(const Eigen::Ref<const Matrix>& W);
 
   /// The ggml type of the blocks.
   io::GgmlType type() const { return type_; }
@@ -282,92 +223,14 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
            std::size_t(block) * io::ggml_type_traits(type_).type_size;
   }
 
-  void check_mode(MergeMode mode) const {
-    detail::require(mode == MergeMode::ExactRestore,
-                    "GgmlFrozenWeight: only MergeMode::ExactRestore is supported (merge() builds "
-                    "the fp32 merged weight beside the blocks, which never change), got "
-                    "MergeMode::InPlace");
-  }
+  void check_mode(MergeMode mode) const;
 
-  void check_tensor(MergeMode mode, std::int64_t ne0, std::int64_t ne1) const {
-    const io::GgmlTypeTraits* t = io::ggml_type_traits(static_cast<std::uint32_t>(type_));
-    if (t == nullptr)
-      throw io::FormatError(detail::concat("GgmlFrozenWeight: tensor '", name_,
-                                           "' has an unknown ggml type ",
-                                           static_cast<std::uint32_t>(type_)));
-    if (!io::ggml::can_dequantize(type_))
-      throw io::FormatError(detail::concat(
-          "GgmlFrozenWeight: tensor '", name_, "' is ", t->name,
-          ", which lora cannot dequantize; supported: f32, f16, bf16, q8_0, q4_0, q5_0, q4_K, "
-          "q5_K, q6_K"));
-    if (ne0 <= 0 || ne1 <= 0)
-      throw io::FormatError(detail::concat("GgmlFrozenWeight: tensor '", name_,
-                                           "' must have ne0 (in features) and ne1 (out "
-                                           "features) > 0, got ne = [",
-                                           ne0, ", ", ne1, "]"));
-    if (ne0 % t->block_size != 0)
-      throw io::FormatError(detail::concat("GgmlFrozenWeight: tensor '", name_, "' is ", t->name,
-                                           ", whose rows are blocks of ", t->block_size,
-                                           " values, but ne0 (in features) is ", ne0));
-    const auto row = io::ggml_row_bytes(type_, ne0);
-    if (!row || std::uint64_t(ne1) > std::numeric_limits<std::size_t>::max() / (*row ? *row : 1) ||
-        std::uint64_t(ne0) > std::uint64_t(std::numeric_limits<Index>::max()) / std::uint64_t(ne1))
-      throw io::FormatError(detail::concat("GgmlFrozenWeight: tensor '", name_,
-                                           "' is too large: ne = [", ne0, ", ", ne1, "]"));
-    if (data_.size() != *row * std::size_t(ne1))
-      throw io::FormatError(detail::concat("GgmlFrozenWeight: tensor '", name_, "' (", t->name,
-                                           ", ne = [", ne0, ", ", ne1, "]) must be ",
-                                           *row * std::size_t(ne1), " bytes, got ", data_.size()));
-    check_mode(mode);
-  }
+  void check_tensor(MergeMode mode, std::int64_t ne0, std::int64_t ne1) const;
 
   /// Every fp16 scale (or, for F16/BF16/F32, every value) finite: io::FormatError otherwise.
-  void check_values() const {
-    const io::GgmlTypeTraits& t = io::ggml_type_traits(type_);
-    const auto fail = [&](std::size_t block, const char* what) {
-      const std::size_t blocks_per_row = std::size_t(row_values_ / t.block_size);
-      throw io::FormatError(
-          detail::concat("GgmlFrozenWeight: tensor '", name_, "' (", t.name, ") has a non-finite ",
-                         what, " in row ", block / blocks_per_row, ", block ",
-                         block % blocks_per_row, " (byte ", block * t.type_size, ")"));
-    };
-    const std::size_t blocks = data_.size() / t.type_size;
-    std::size_t offsets[2] = {0, 0};
-    int n_offsets = 1;
-    switch (type_) {
-      case io::GgmlType::Q4_K:
-      case io::GgmlType::Q5_K:
-        offsets[1] = 2;  // d and dmin
-        n_offsets = 2;
-        break;
-      case io::GgmlType::Q6_K:
-        offsets[0] = 208;
-        break;
-      default:
-        break;
-    }
-    for (std::size_t b = 0; b < blocks; ++b) {
-      const std::uint8_t* p = data_.data() + b * t.type_size;
-      if (type_ == io::GgmlType::F32 || type_ == io::GgmlType::F16 || type_ == io::GgmlType::BF16) {
-        float v;
-        io::ggml::dequantize(type_, p, &v, 1);
-        if (!std::isfinite(v)) fail(b, "value");
-        continue;
-      }
-      for (int o = 0; o < n_offsets; ++o) {
-        std::uint16_t h;
-        std::memcpy(&h, p + offsets[o], 2);
-        if ((h & 0x7c00u) == 0x7c00u) fail(b, o == 0 ? "scale d" : "scale dmin");
-      }
-    }
-  }
+  void check_values() const;
 
-  void finish(GgmlBackend backend) {
-    row_bytes_ = *io::ggml_row_bytes(type_, row_values_);
-    check_values();
-    backend_ = detail::resolve_bf16_backend(backend, "GgmlFrozenWeight", "GgmlBackend");
-    set_onednn(backend_ == GgmlBackend::OneDnn);
-  }
+  void finish(GgmlBackend backend);
 
   Index column_alignment() const {
     const Index bs = io::ggml_type_traits(type_).block_size;
@@ -384,51 +247,7 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
   /// H (+)= W X for n <= kSmallBatch: X copied (zero-padded to row_values()) into a per-thread
   /// buffer, then each row's blocks decoded once and dotted with every column.
   bool small_batch_product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
-                           bool accumulate) const {
-    const Index n = X.cols();
-    if (n > kSmallBatch) return false;
-    const Index kp = row_values_;
-    const bool fused = detail::ggml_decode::has_kernel(type_);
-    // Portable Q4_K: the sums of x over each sub-block of 32, per column.
-    const bool q4k_sums = !fused && type_ == io::GgmlType::Q4_K;
-    const Index sub = kp / 32;
-    // After x: the fused kernels' partial sums (d x n), or the portable Q4_K's sums of x.
-    float* x = buffer_f32(1, kp * n + (fused ? d_ * n : q4k_sums ? sub * n : 0));
-    for (Index j = 0; j < n; ++j) {
-      float* xj = x + j * kp;
-      std::copy(X.col(j).data(), X.col(j).data() + k_, xj);
-      std::fill(xj + k_, xj + kp, 0.0f);
-    }
-    float* xsum = x + kp * n;  // also the fused kernels' partial sums
-    if (q4k_sums)
-      for (Index j = 0; j < n; ++j)
-        for (Index s = 0; s < sub; ++s) {
-          float acc = 0.0f;
-          for (Index l = 0; l < 32; ++l) acc += x[j * kp + s * 32 + l];
-          xsum[j * sub + s] = acc;
-        }
-    const int threads = int(std::max<Index>(1, std::min<Index>(Eigen::nbThreads(), d_ / 64)));
-    const Index chunk = (d_ + threads - 1) / threads;
-    detail::parallel_for(threads, threads, [&](Index t) {
-      const Index i0 = t * chunk, i1 = std::min(d_, i0 + chunk);
-      const auto store = [&](Index i, const float* acc) {
-        for (Index j = 0; j < n; ++j) H(i, j) = accumulate ? H(i, j) + acc[j] : acc[j];
-      };
-      if (fused) {
-        fused_rows(i0, i1, x, n, xsum + i0 * n, store);
-        return;
-      }
-      float acc[kSmallBatch];
-      for (Index i = i0; i < i1; ++i) {
-        if (q4k_sums)
-          dot_q4_k(i, x, xsum, n, acc);
-        else
-          dot_rows(i, x, n, acc);
-        store(i, acc);
-      }
-    });
-    return true;
-  }
+                           bool accumulate) const;
 
   /// Rows [i0, i1) through the fused AVX-512 kernel of the type (detail/ggml_decode_kernels.hpp),
   /// compiled for each column count up to kSmallBatch.
@@ -518,5 +337,217 @@ class GgmlFrozenWeight : public detail::PanelStorage<GgmlFrozenWeight> {
   std::size_t row_bytes_ = 0;  // bytes per stored row
   GgmlBackend backend_ = GgmlBackend::Portable;
 };
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC GgmlFrozenWeight::GgmlFrozenWeight(std::vector<std::uint8_t> data, io::GgmlType type,
+                                             std::int64_t ne0, std::int64_t ne1,
+                                             const std::string& name, MergeMode mode,
+                                             GgmlBackend backend)
+    : type_(type), data_(std::move(data)), name_(name) {
+  check_tensor(mode, ne0, ne1);
+  d_ = Index(ne1);
+  k_ = row_values_ = Index(ne0);
+  finish(backend);
+}
+
+LORA_FUNC GgmlFrozenWeight GgmlFrozenWeight::quantize(const Eigen::Ref<const Matrix>& W0,
+                                                      io::GgmlType type, MergeMode mode,
+                                                      GgmlBackend backend) {
+  detail::require(W0.size() > 0, "GgmlFrozenWeight::quantize: W0 must not be empty, got ",
+                  detail::shape_string(W0.rows(), W0.cols()));
+  detail::require(io::ggml::can_quantize(type),
+                  "GgmlFrozenWeight::quantize: lora cannot "
+                  "quantize into ",
+                  io::ggml_type_traits(type).name,
+                  "; it quantizes into f32, f16, bf16, q8_0, q4_0, q4_K and q6_K");
+  detail::require_finite("GgmlFrozenWeight::quantize", "W0", W0);
+  const Index unit = io::ggml_type_traits(type).block_size;
+  const Index width = (W0.cols() + unit - 1) / unit * unit;
+  std::vector<std::uint8_t> bytes = ggml_encode(W0, type);
+  GgmlFrozenWeight w(Private{}, type, std::move(bytes), W0.rows(), W0.cols(), width);
+  w.check_mode(mode);
+  try {
+    w.check_values();
+  } catch (const io::FormatError& e) {
+    throw std::domain_error(detail::concat("GgmlFrozenWeight::quantize: W0 does not fit ",
+                                           io::ggml_type_traits(type).name,
+                                           " (a block scale overflows fp16): ", e.what()));
+  }
+  w.finish(backend);
+  return w;
+}
+
+LORA_FUNC std::vector<std::uint8_t> GgmlFrozenWeight::ggml_encode(const Eigen::Ref<const Matrix>& W,
+                                                                  io::GgmlType type) {
+  detail::require(io::ggml::can_quantize(type),
+                  "GgmlFrozenWeight::ggml_encode: lora cannot "
+                  "quantize into ",
+                  io::ggml_type_traits(type).name,
+                  "; it quantizes into f32, f16, bf16, q8_0, q4_0, q4_K and q6_K");
+  detail::require_finite("GgmlFrozenWeight::ggml_encode", "W", W);
+  const io::GgmlTypeTraits& t = io::ggml_type_traits(type);
+  const Index unit = t.block_size;
+  const Index width = (W.cols() + unit - 1) / unit * unit;
+  const std::size_t row_bytes = std::size_t(width / unit) * t.type_size;
+  std::vector<std::uint8_t> bytes(row_bytes * std::size_t(W.rows()));
+  std::vector<float> row(std::size_t(width), 0.0f);
+  for (Index i = 0; i < W.rows(); ++i) {
+    for (Index j = 0; j < W.cols(); ++j) row[std::size_t(j)] = W(i, j);
+    io::ggml::quantize(type, row.data(), bytes.data() + std::size_t(i) * row_bytes,
+                       std::size_t(width));
+  }
+  return bytes;
+}
+
+LORA_FUNC void GgmlFrozenWeight::rebase(const Eigen::Ref<const Matrix>& W) {
+  this->check_rebase_call("GgmlFrozenWeight::rebase", W);
+  std::vector<std::uint8_t> bytes = ggml_encode(W, type_);
+  std::swap(data_, bytes);
+  try {
+    check_values();
+  } catch (const io::FormatError& e) {
+    std::swap(data_, bytes);
+    throw std::domain_error(detail::concat("GgmlFrozenWeight::rebase: W does not fit ",
+                                           io::ggml_type_traits(type_).name,
+                                           " (a block scale overflows fp16): ", e.what()));
+  }
+}
+
+LORA_FUNC void GgmlFrozenWeight::check_mode(MergeMode mode) const {
+  detail::require(mode == MergeMode::ExactRestore,
+                  "GgmlFrozenWeight: only MergeMode::ExactRestore is supported (merge() builds "
+                  "the fp32 merged weight beside the blocks, which never change), got "
+                  "MergeMode::InPlace");
+}
+
+LORA_FUNC void GgmlFrozenWeight::check_tensor(MergeMode mode, std::int64_t ne0,
+                                              std::int64_t ne1) const {
+  const io::GgmlTypeTraits* t = io::ggml_type_traits(static_cast<std::uint32_t>(type_));
+  if (t == nullptr)
+    throw io::FormatError(detail::concat("GgmlFrozenWeight: tensor '", name_,
+                                         "' has an unknown ggml type ",
+                                         static_cast<std::uint32_t>(type_)));
+  if (!io::ggml::can_dequantize(type_))
+    throw io::FormatError(detail::concat(
+        "GgmlFrozenWeight: tensor '", name_, "' is ", t->name,
+        ", which lora cannot dequantize; supported: f32, f16, bf16, q8_0, q4_0, q5_0, q4_K, "
+        "q5_K, q6_K"));
+  if (ne0 <= 0 || ne1 <= 0)
+    throw io::FormatError(detail::concat("GgmlFrozenWeight: tensor '", name_,
+                                         "' must have ne0 (in features) and ne1 (out "
+                                         "features) > 0, got ne = [",
+                                         ne0, ", ", ne1, "]"));
+  if (ne0 % t->block_size != 0)
+    throw io::FormatError(detail::concat("GgmlFrozenWeight: tensor '", name_, "' is ", t->name,
+                                         ", whose rows are blocks of ", t->block_size,
+                                         " values, but ne0 (in features) is ", ne0));
+  const auto row = io::ggml_row_bytes(type_, ne0);
+  if (!row || std::uint64_t(ne1) > std::numeric_limits<std::size_t>::max() / (*row ? *row : 1) ||
+      std::uint64_t(ne0) > std::uint64_t(std::numeric_limits<Index>::max()) / std::uint64_t(ne1))
+    throw io::FormatError(detail::concat("GgmlFrozenWeight: tensor '", name_,
+                                         "' is too large: ne = [", ne0, ", ", ne1, "]"));
+  if (data_.size() != *row * std::size_t(ne1))
+    throw io::FormatError(detail::concat("GgmlFrozenWeight: tensor '", name_, "' (", t->name,
+                                         ", ne = [", ne0, ", ", ne1, "]) must be ",
+                                         *row * std::size_t(ne1), " bytes, got ", data_.size()));
+  check_mode(mode);
+}
+
+LORA_FUNC void GgmlFrozenWeight::check_values() const {
+  const io::GgmlTypeTraits& t = io::ggml_type_traits(type_);
+  const auto fail = [&](std::size_t block, const char* what) {
+    const std::size_t blocks_per_row = std::size_t(row_values_ / t.block_size);
+    throw io::FormatError(detail::concat("GgmlFrozenWeight: tensor '", name_, "' (", t.name,
+                                         ") has a non-finite ", what, " in row ",
+                                         block / blocks_per_row, ", block ", block % blocks_per_row,
+                                         " (byte ", block * t.type_size, ")"));
+  };
+  const std::size_t blocks = data_.size() / t.type_size;
+  std::size_t offsets[2] = {0, 0};
+  int n_offsets = 1;
+  switch (type_) {
+    case io::GgmlType::Q4_K:
+    case io::GgmlType::Q5_K:
+      offsets[1] = 2;  // d and dmin
+      n_offsets = 2;
+      break;
+    case io::GgmlType::Q6_K:
+      offsets[0] = 208;
+      break;
+    default:
+      break;
+  }
+  for (std::size_t b = 0; b < blocks; ++b) {
+    const std::uint8_t* p = data_.data() + b * t.type_size;
+    if (type_ == io::GgmlType::F32 || type_ == io::GgmlType::F16 || type_ == io::GgmlType::BF16) {
+      float v;
+      io::ggml::dequantize(type_, p, &v, 1);
+      if (!std::isfinite(v)) fail(b, "value");
+      continue;
+    }
+    for (int o = 0; o < n_offsets; ++o) {
+      std::uint16_t h;
+      std::memcpy(&h, p + offsets[o], 2);
+      if ((h & 0x7c00u) == 0x7c00u) fail(b, o == 0 ? "scale d" : "scale dmin");
+    }
+  }
+}
+
+LORA_FUNC void GgmlFrozenWeight::finish(GgmlBackend backend) {
+  row_bytes_ = *io::ggml_row_bytes(type_, row_values_);
+  check_values();
+  backend_ = detail::resolve_bf16_backend(backend, "GgmlFrozenWeight", "GgmlBackend");
+  set_onednn(backend_ == GgmlBackend::OneDnn);
+}
+
+LORA_FUNC bool GgmlFrozenWeight::small_batch_product(const Eigen::Ref<const Matrix>& X,
+                                                     Eigen::Ref<Matrix> H, bool accumulate) const {
+  const Index n = X.cols();
+  if (n > kSmallBatch) return false;
+  const Index kp = row_values_;
+  const bool fused = detail::ggml_decode::has_kernel(type_);
+  // Portable Q4_K: the sums of x over each sub-block of 32, per column.
+  const bool q4k_sums = !fused && type_ == io::GgmlType::Q4_K;
+  const Index sub = kp / 32;
+  // After x: the fused kernels' partial sums (d x n), or the portable Q4_K's sums of x.
+  float* x = buffer_f32(1, kp * n + (fused ? d_ * n : q4k_sums ? sub * n : 0));
+  for (Index j = 0; j < n; ++j) {
+    float* xj = x + j * kp;
+    std::copy(X.col(j).data(), X.col(j).data() + k_, xj);
+    std::fill(xj + k_, xj + kp, 0.0f);
+  }
+  float* xsum = x + kp * n;  // also the fused kernels' partial sums
+  if (q4k_sums)
+    for (Index j = 0; j < n; ++j)
+      for (Index s = 0; s < sub; ++s) {
+        float acc = 0.0f;
+        for (Index l = 0; l < 32; ++l) acc += x[j * kp + s * 32 + l];
+        xsum[j * sub + s] = acc;
+      }
+  const int threads = int(std::max<Index>(1, std::min<Index>(Eigen::nbThreads(), d_ / 64)));
+  const Index chunk = (d_ + threads - 1) / threads;
+  detail::parallel_for(threads, threads, [&](Index t) {
+    const Index i0 = t * chunk, i1 = std::min(d_, i0 + chunk);
+    const auto store = [&](Index i, const float* acc) {
+      for (Index j = 0; j < n; ++j) H(i, j) = accumulate ? H(i, j) + acc[j] : acc[j];
+    };
+    if (fused) {
+      fused_rows(i0, i1, x, n, xsum + i0 * n, store);
+      return;
+    }
+    float acc[kSmallBatch];
+    for (Index i = i0; i < i1; ++i) {
+      if (q4k_sums)
+        dot_q4_k(i, x, xsum, n, acc);
+      else
+        dot_rows(i, x, n, acc);
+      store(i, acc);
+    }
+  });
+  return true;
+}
+
+#endif  // LORA_WITH_BODIES
 
 }  // namespace lora

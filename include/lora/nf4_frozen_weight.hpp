@@ -36,6 +36,7 @@
 #include "lora/detail/bf16.hpp"
 #include "lora/detail/bf16_backend.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/detail/compiled_mode.hpp"
 #include "lora/detail/finite.hpp"
 #include "lora/detail/nf4.hpp"
 #include "lora/detail/panel_storage.hpp"
@@ -78,22 +79,7 @@ class Nf4FrozenWeight : public detail::PanelStorage<Nf4FrozenWeight> {
   /// MergeMode::InPlace (see the top of this file) or for Nf4Backend::OneDnn without oneDNN, and
   /// std::domain_error for a NaN or infinite element of W0.
   explicit Nf4FrozenWeight(const Eigen::Ref<const Matrix>& W0,
-                           MergeMode mode = MergeMode::ExactRestore, Nf4Options options = {})
-      : double_quant_(options.double_quantization) {
-    d_ = W0.rows();
-    k_ = W0.cols();
-    detail::require(W0.size() > 0, "Nf4FrozenWeight: W0 must not be empty, got ",
-                    detail::shape_string(W0.rows(), W0.cols()));
-    detail::require(
-        mode == MergeMode::ExactRestore,
-        "Nf4FrozenWeight: only MergeMode::ExactRestore is supported (merge() builds the "
-        "fp32 merged weight beside the 4-bit W0, which never changes), got "
-        "MergeMode::InPlace");
-    detail::require_finite("Nf4FrozenWeight", "W0", W0);
-    backend_ = resolve(options.backend);
-    quantize(W0);
-    set_onednn(backend_ == Nf4Backend::OneDnn);
-  }
+                           MergeMode mode = MergeMode::ExactRestore, Nf4Options options = {});
 
   /// As above with MergeMode::ExactRestore.
   Nf4FrozenWeight(const Eigen::Ref<const Matrix>& W0, Nf4Options options)
@@ -154,25 +140,11 @@ class Nf4FrozenWeight : public detail::PanelStorage<Nf4FrozenWeight> {
   /// W0 = nf4(W) (same shape), quantized with this storage's options: the residual base of PiSSA
   /// and OLoRA ("QPiSSA"), or LoftQ's base. Throws std::logic_error while merged,
   /// std::invalid_argument for another shape, std::domain_error for a non-finite element.
-  void rebase(const Eigen::Ref<const Matrix>& W) {
-    check_rebase_call("Nf4FrozenWeight::rebase", W);
-    detail::require_finite("Nf4FrozenWeight::rebase", "W", W);
-    quantize(W);
-  }
+  void rebase(const Eigen::Ref<const Matrix>& W);
 
   /// M = dequant(nf4(M)): what this storage (with its options) makes of a weight M of any shape,
   /// one row at a time (LoftQ's quantization step). Throws std::domain_error for a non-finite M.
-  void round_trip(Eigen::Ref<Matrix> M) const {
-    Nf4Options options;
-    options.double_quantization = double_quant_;
-    options.backend = Nf4Backend::Portable;
-    const Nf4FrozenWeight q(M, MergeMode::ExactRestore, options);
-    Vector row(M.cols());
-    for (Index i = 0; i < M.rows(); ++i) {
-      q.dequantize_row(i, 0, M.cols(), row.data());
-      M.row(i) = row.transpose();
-    }
-  }
+  void round_trip(Eigen::Ref<Matrix> M) const;
 
  private:
   friend class detail::PanelStorage<Nf4FrozenWeight>;
@@ -207,32 +179,9 @@ class Nf4FrozenWeight : public detail::PanelStorage<Nf4FrozenWeight> {
     }
   }
 
-  void quantize(const Eigen::Ref<const Matrix>& W0) {
-    blocks_ = detail::nf4::blocks_per_row(k_);
-    codes_.assign(std::size_t(d_ * row_bytes()), 0);
-    std::vector<float> absmax(std::size_t(d_ * blocks_));
-    Vector row(k_);
-    for (Index i = 0; i < d_; ++i) {
-      row = W0.row(i).transpose();
-      detail::nf4::quantize_row(row.data(), k_, codes_.data() + i * row_bytes(),
-                                absmax.data() + i * blocks_);
-    }
-    if (!double_quant_) {
-      absmax_ = std::move(absmax);
-      return;
-    }
-    scales_ = detail::nf4::quantize_scales(absmax);
-    for (Index i = 0; i < d_ * blocks_; ++i)
-      if (!std::isfinite(scales_.decode(i)))
-        throw std::domain_error(detail::concat(
-            "Nf4FrozenWeight: the block scales of W0 (up to ", absmax[std::size_t(i)],
-            ") overflow fp32 under double quantization; build it with "
-            "Nf4Options::double_quantization = false"));
-  }
+  void quantize(const Eigen::Ref<const Matrix>& W0);
 
-  static Nf4Backend resolve(Nf4Backend wanted) {
-    return detail::resolve_bf16_backend(wanted, "Nf4FrozenWeight", "Nf4Backend");
-  }
+  static Nf4Backend resolve(Nf4Backend wanted);
 
   Index blocks_ = 0;  // blocks per row: ceil(k / 64)
   bool double_quant_ = true;
@@ -243,5 +192,71 @@ class Nf4FrozenWeight : public detail::PanelStorage<Nf4FrozenWeight> {
   detail::nf4::QuantizedScales scales_;  // per block, 8-bit (with double quantization)
   Nf4Backend backend_ = Nf4Backend::Portable;
 };
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC Nf4FrozenWeight::Nf4FrozenWeight(const Eigen::Ref<const Matrix>& W0, MergeMode mode,
+                                           Nf4Options options)
+    : double_quant_(options.double_quantization) {
+  d_ = W0.rows();
+  k_ = W0.cols();
+  detail::require(W0.size() > 0, "Nf4FrozenWeight: W0 must not be empty, got ",
+                  detail::shape_string(W0.rows(), W0.cols()));
+  detail::require(mode == MergeMode::ExactRestore,
+                  "Nf4FrozenWeight: only MergeMode::ExactRestore is supported (merge() builds the "
+                  "fp32 merged weight beside the 4-bit W0, which never changes), got "
+                  "MergeMode::InPlace");
+  detail::require_finite("Nf4FrozenWeight", "W0", W0);
+  backend_ = resolve(options.backend);
+  quantize(W0);
+  set_onednn(backend_ == Nf4Backend::OneDnn);
+}
+
+LORA_FUNC void Nf4FrozenWeight::rebase(const Eigen::Ref<const Matrix>& W) {
+  check_rebase_call("Nf4FrozenWeight::rebase", W);
+  detail::require_finite("Nf4FrozenWeight::rebase", "W", W);
+  quantize(W);
+}
+
+LORA_FUNC void Nf4FrozenWeight::round_trip(Eigen::Ref<Matrix> M) const {
+  Nf4Options options;
+  options.double_quantization = double_quant_;
+  options.backend = Nf4Backend::Portable;
+  const Nf4FrozenWeight q(M, MergeMode::ExactRestore, options);
+  Vector row(M.cols());
+  for (Index i = 0; i < M.rows(); ++i) {
+    q.dequantize_row(i, 0, M.cols(), row.data());
+    M.row(i) = row.transpose();
+  }
+}
+
+LORA_FUNC void Nf4FrozenWeight::quantize(const Eigen::Ref<const Matrix>& W0) {
+  blocks_ = detail::nf4::blocks_per_row(k_);
+  codes_.assign(std::size_t(d_ * row_bytes()), 0);
+  std::vector<float> absmax(std::size_t(d_ * blocks_));
+  Vector row(k_);
+  for (Index i = 0; i < d_; ++i) {
+    row = W0.row(i).transpose();
+    detail::nf4::quantize_row(row.data(), k_, codes_.data() + i * row_bytes(),
+                              absmax.data() + i * blocks_);
+  }
+  if (!double_quant_) {
+    absmax_ = std::move(absmax);
+    return;
+  }
+  scales_ = detail::nf4::quantize_scales(absmax);
+  for (Index i = 0; i < d_ * blocks_; ++i)
+    if (!std::isfinite(scales_.decode(i)))
+      throw std::domain_error(
+          detail::concat("Nf4FrozenWeight: the block scales of W0 (up to ", absmax[std::size_t(i)],
+                         ") overflow fp32 under double quantization; build it with "
+                         "Nf4Options::double_quantization = false"));
+}
+
+LORA_FUNC Nf4Backend Nf4FrozenWeight::resolve(Nf4Backend wanted) {
+  return detail::resolve_bf16_backend(wanted, "Nf4FrozenWeight", "Nf4Backend");
+}
+
+#endif  // LORA_WITH_BODIES
 
 }  // namespace lora
