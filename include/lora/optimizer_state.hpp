@@ -10,6 +10,7 @@
 #pragma once
 
 #include "lora/detail/check.hpp"
+#include "lora/detail/compiled_mode.hpp"
 #include "lora/io/format_error.hpp"
 #include "lora/io/safetensors.hpp"
 #include "lora/io/safetensors_writer.hpp"
@@ -31,9 +32,7 @@ io::DType optimizer_dtype() {
   return std::is_same_v<T, float> ? io::DType::F32 : io::DType::F64;
 }
 
-inline std::string state_key(std::size_t i, const char* what) {
-  return "state." + std::to_string(i) + "." + what;
-}
+LORA_FUNC std::string state_key(std::size_t i, const char* what);
 
 /// Starts a writer with the metadata shared by every optimizer.
 template <typename T>
@@ -103,6 +102,14 @@ Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> state_tensor(const io::SafeTens
                           io::dtype_name(optimizer_dtype<T>()));
   return st.matrix<T>(key);
 }
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC std::string state_key(std::size_t i, const char* what) {
+  return "state." + std::to_string(i) + "." + what;
+}
+
+#endif  // LORA_WITH_BODIES
 
 }  // namespace detail
 

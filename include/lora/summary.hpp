@@ -3,6 +3,8 @@
 //   trainable params: 1,234 || all params: 56,789 || trainable%: 2.1730
 #pragma once
 
+#include "lora/detail/compiled_mode.hpp"
+
 #include <Eigen/Core>
 
 #include <cstdio>
@@ -27,22 +29,30 @@ struct ParameterSummary {
   }
 
   /// "trainable params: 1,234 || all params: 56,789 || trainable%: 2.1730" (PEFT's wording).
-  std::string to_string() const {
-    char percent[64];
-    std::snprintf(percent, sizeof percent, "%.4f", trainable_percent());
-    return "trainable params: " + grouped(trainable) + " || all params: " + grouped(total) +
-           " || trainable%: " + percent;
-  }
+  std::string to_string() const;
 
  private:
   // n with a comma every three digits, as Python's "{:,d}".
-  static std::string grouped(Eigen::Index n) {
-    std::string digits = std::to_string(n < 0 ? -n : n);
-    for (auto i = static_cast<long>(digits.size()) - 3; i > 0; i -= 3)
-      digits.insert(static_cast<std::size_t>(i), 1, ',');
-    return n < 0 ? "-" + digits : digits;
-  }
+  static std::string grouped(Eigen::Index n);
 };
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC std::string ParameterSummary::to_string() const {
+  char percent[64];
+  std::snprintf(percent, sizeof percent, "%.4f", trainable_percent());
+  return "trainable params: " + grouped(trainable) + " || all params: " + grouped(total) +
+         " || trainable%: " + percent;
+}
+
+LORA_FUNC std::string ParameterSummary::grouped(Eigen::Index n) {
+  std::string digits = std::to_string(n < 0 ? -n : n);
+  for (auto i = static_cast<long>(digits.size()) - 3; i > 0; i -= 3)
+    digits.insert(static_cast<std::size_t>(i), 1, ',');
+  return n < 0 ? "-" + digits : digits;
+}
+
+#endif  // LORA_WITH_BODIES
 
 /// Writes s.to_string().
 inline std::ostream& operator<<(std::ostream& os, const ParameterSummary& s) {
@@ -106,8 +116,14 @@ class LayerCounts {
 
 /// summary() for a braced list of layers or pointers to them, as save_adapter takes:
 /// `std::cout << lora::summary({{"fc1", &fc1}, {"fc2", &fc2}})`.
-inline ParameterSummary summary(const std::map<std::string, LayerCounts>& layers) {
+LORA_FUNC ParameterSummary summary(const std::map<std::string, LayerCounts>& layers);
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC ParameterSummary summary(const std::map<std::string, LayerCounts>& layers) {
   return summary<std::map<std::string, LayerCounts>>(layers);
 }
+
+#endif  // LORA_WITH_BODIES
 
 }  // namespace lora

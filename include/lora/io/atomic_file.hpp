@@ -4,9 +4,13 @@
 // at any step (a full disk, an unwritable folder, a crash) leaves the previous file untouched.
 #pragma once
 
+#include "lora/detail/compiled_mode.hpp"
+
+#if LORA_WITH_BODIES
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -39,7 +43,48 @@ inline thread_local WriteStep injected_write_failure = WriteStep::None;
 inline thread_local int injected_write_failure_skip = 0;
 
 /// The failure to inject into this call (consumes one skip).
-inline WriteStep take_injected_failure() {
+LORA_FUNC WriteStep take_injected_failure();
+
+LORA_FUNC std::string errno_string(int err);
+
+LORA_FUNC std::string folder_of(const std::string& path);
+
+/// A new name in the folder of `target`: `<target's name>.<tag>.<pid>.<n>`, with the target's
+/// name cut short where the whole would pass the file system's name limit (NAME_MAX, 255 bytes on
+/// most), so that any valid target has one.
+LORA_FUNC std::string sibling_name(const std::string& target, const char* tag);
+
+/// Closes and removes the temporary file unless released (the rename succeeded).
+class TempFile {
+ public:
+  TempFile() = default;
+  TempFile(const TempFile&) = delete;
+  TempFile& operator=(const TempFile&) = delete;
+  ~TempFile();
+
+  /// Creates a fresh file beside `target` (O_EXCL: never reuses an existing name); see
+  /// sibling_name.
+  void create(const std::string& target);
+
+  int fd() const { return fd_; }
+  const std::string& path() const { return path_; }
+
+  /// Closes the descriptor, reporting a failed close (a late write error on some file systems).
+  void close_checked(const std::string& target);
+
+  void release() { path_.clear(); }
+
+ private:
+  int fd_ = -1;
+  std::string path_;
+};
+
+LORA_FUNC void fail_if_injected(WriteStep injected, WriteStep step, const std::string& target,
+                                const char* what);
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC WriteStep take_injected_failure() {
   if (injected_write_failure == WriteStep::None) return WriteStep::None;
   if (injected_write_failure_skip > 0) {
     --injected_write_failure_skip;
@@ -50,21 +95,18 @@ inline WriteStep take_injected_failure() {
   return step;
 }
 
-inline std::string errno_string(int err) {
+LORA_FUNC std::string errno_string(int err) {
   return std::string(std::strerror(err));
 }
 
-inline std::string folder_of(const std::string& path) {
+LORA_FUNC std::string folder_of(const std::string& path) {
   const auto slash = path.find_last_of('/');
   if (slash == std::string::npos) return ".";
   if (slash == 0) return "/";
   return path.substr(0, slash);
 }
 
-/// A new name in the folder of `target`: `<target's name>.<tag>.<pid>.<n>`, with the target's
-/// name cut short where the whole would pass the file system's name limit (NAME_MAX, 255 bytes on
-/// most), so that any valid target has one.
-inline std::string sibling_name(const std::string& target, const char* tag) {
+LORA_FUNC std::string sibling_name(const std::string& target, const char* tag) {
   static std::atomic<unsigned> counter{0};
   const auto slash = target.find_last_of('/');
   const std::string name = slash == std::string::npos ? target : target.substr(slash + 1);
@@ -77,60 +119,43 @@ inline std::string sibling_name(const std::string& target, const char* tag) {
   return slash == std::string::npos ? base : target.substr(0, slash + 1) + base;
 }
 
-/// Closes and removes the temporary file unless released (the rename succeeded).
-class TempFile {
- public:
-  TempFile() = default;
-  TempFile(const TempFile&) = delete;
-  TempFile& operator=(const TempFile&) = delete;
-  ~TempFile() {
-    if (fd_ >= 0) ::close(fd_);
-    if (!path_.empty()) ::unlink(path_.c_str());
-  }
+LORA_FUNC TempFile::~TempFile() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!path_.empty()) ::unlink(path_.c_str());
+}
 
-  /// Creates a fresh file beside `target` (O_EXCL: never reuses an existing name); see
-  /// sibling_name.
-  void create(const std::string& target) {
-    for (int attempt = 0; attempt < 100; ++attempt) {
-      const std::string candidate = sibling_name(target, "tmp");
-      const int fd = ::open(candidate.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-      if (fd >= 0) {
-        fd_ = fd;
-        path_ = candidate;
-        return;
-      }
-      if (errno != EEXIST) {
-        throw WriteError("cannot create a temporary file beside \"" + target +
-                         "\": " + errno_string(errno));
-      }
+LORA_FUNC void TempFile::create(const std::string& target) {
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    const std::string candidate = sibling_name(target, "tmp");
+    const int fd = ::open(candidate.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd >= 0) {
+      fd_ = fd;
+      path_ = candidate;
+      return;
     }
-    throw WriteError("cannot create a temporary file beside \"" + target + "\": names exhausted");
+    if (errno != EEXIST) {
+      throw WriteError("cannot create a temporary file beside \"" + target +
+                       "\": " + errno_string(errno));
+    }
   }
+  throw WriteError("cannot create a temporary file beside \"" + target + "\": names exhausted");
+}
 
-  int fd() const { return fd_; }
-  const std::string& path() const { return path_; }
+LORA_FUNC void TempFile::close_checked(const std::string& target) {
+  const int fd = fd_;
+  fd_ = -1;
+  if (::close(fd) != 0)
+    throw WriteError("closing the temporary file for \"" + target +
+                     "\" failed: " + errno_string(errno));
+}
 
-  /// Closes the descriptor, reporting a failed close (a late write error on some file systems).
-  void close_checked(const std::string& target) {
-    const int fd = fd_;
-    fd_ = -1;
-    if (::close(fd) != 0)
-      throw WriteError("closing the temporary file for \"" + target +
-                       "\" failed: " + errno_string(errno));
-  }
-
-  void release() { path_.clear(); }
-
- private:
-  int fd_ = -1;
-  std::string path_;
-};
-
-inline void fail_if_injected(WriteStep injected, WriteStep step, const std::string& target,
-                             const char* what) {
+LORA_FUNC void fail_if_injected(WriteStep injected, WriteStep step, const std::string& target,
+                                const char* what) {
   if (injected == step)
     throw WriteError(std::string(what) + " for \"" + target + "\" failed: injected test failure");
 }
+
+#endif  // LORA_WITH_BODIES
 
 }  // namespace detail
 
@@ -138,7 +163,14 @@ inline void fail_if_injected(WriteStep injected, WriteStep step, const std::stri
 /// same folder is written, fsync'ed, and renamed over `path` (then the folder is fsync'ed so the
 /// rename itself is durable). Throws WriteError on any failure, after removing the temporary file;
 /// the previous file at `path`, if any, is then unchanged.
-inline void write_file_atomically(const std::string& path, const void* data, std::size_t size) {
+LORA_FUNC void write_file_atomically(const std::string& path, const void* data, std::size_t size);
+
+/// As above for the characters of a string.
+LORA_FUNC void write_file_atomically(const std::string& path, const std::string& contents);
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC void write_file_atomically(const std::string& path, const void* data, std::size_t size) {
   using detail::WriteStep;
   if (path.empty()) throw WriteError("write_file_atomically: the path is empty");
   const WriteStep inject = detail::take_injected_failure();
@@ -183,9 +215,10 @@ inline void write_file_atomically(const std::string& path, const void* data, std
   }
 }
 
-/// As above for the characters of a string.
-inline void write_file_atomically(const std::string& path, const std::string& contents) {
+LORA_FUNC void write_file_atomically(const std::string& path, const std::string& contents) {
   write_file_atomically(path, contents.data(), contents.size());
 }
+
+#endif  // LORA_WITH_BODIES
 
 }  // namespace lora::io

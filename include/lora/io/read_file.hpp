@@ -5,9 +5,13 @@
 
 #include "lora/io/format_error.hpp"
 
+#include "lora/detail/compiled_mode.hpp"
+
+#if LORA_WITH_BODIES
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cerrno>
@@ -22,9 +26,14 @@ namespace lora::io {
 /// The bytes of the regular file at `path`. Throws FormatError, prefixed with `what` (e.g.
 /// "safetensors"), when the path cannot be opened, is not a regular file (a directory, a FIFO, a
 /// device), is larger than `max_bytes`, or a read fails.
-inline std::vector<std::uint8_t> read_file(
+LORA_FUNC std::vector<std::uint8_t> read_file(
     const std::string& path, const std::string& what,
-    std::uint64_t max_bytes = std::numeric_limits<std::uint64_t>::max()) {
+    std::uint64_t max_bytes = std::numeric_limits<std::uint64_t>::max());
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC std::vector<std::uint8_t> read_file(const std::string& path, const std::string& what,
+                                              std::uint64_t max_bytes) {
   auto fail = [&](const std::string& why) {
     return FormatError(what + ": cannot read \"" + path + "\": " + why);
   };
@@ -69,5 +78,7 @@ inline std::vector<std::uint8_t> read_file(
   bytes.resize(got);
   return bytes;
 }
+
+#endif  // LORA_WITH_BODIES
 
 }  // namespace lora::io

@@ -16,6 +16,7 @@
 
 #include "lora/adapter.hpp"
 #include "lora/config.hpp"
+#include "lora/detail/compiled_mode.hpp"
 #include "lora/io/atomic_file.hpp"
 #include "lora/io/read_file.hpp"
 #include "lora/io/safetensors.hpp"
@@ -27,8 +28,10 @@
 
 #include <Eigen/Core>
 
+#if LORA_WITH_BODIES
 #include <sys/stat.h>
 #include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cerrno>
@@ -54,9 +57,15 @@ inline constexpr const char* kKeyPrefix = "base_model.model.";
 /// The longest module path read_adapter accepts.
 inline constexpr std::size_t kMaxModulePathLength = 1024;
 /// PEFT's key of a module's tensor: key_of("model.layers.0.self_attn.q_proj", "lora_A.weight").
-inline std::string key_of(const std::string& module, const char* tensor) {
+LORA_FUNC std::string key_of(const std::string& module, const char* tensor);
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC std::string key_of(const std::string& module, const char* tensor) {
   return std::string(kKeyPrefix) + module + "." + tensor;
 }
+
+#endif  // LORA_WITH_BODIES
 
 /// An adapter read from a directory: its config and one LoRAAdapter per module path.
 template <typename T>
@@ -75,18 +84,26 @@ struct ReadOptions {
 
 namespace detail {
 
-inline std::string join_path(const std::string& dir, const char* file) {
+LORA_FUNC std::string join_path(const std::string& dir, const char* file);
+
+LORA_FUNC bool ends_with(const std::string& s, const std::string& suffix);
+
+/// Splits a PEFT key into (module path, tensor suffix); nothing for a key of another shape.
+LORA_FUNC std::optional<std::pair<std::string, std::string>> split_key(const std::string& key);
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC std::string join_path(const std::string& dir, const char* file) {
   if (dir.empty()) return file;
   return dir.back() == '/' ? dir + file : dir + "/" + file;
 }
 
-inline bool ends_with(const std::string& s, const std::string& suffix) {
+LORA_FUNC bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() &&
          s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-/// Splits a PEFT key into (module path, tensor suffix); nothing for a key of another shape.
-inline std::optional<std::pair<std::string, std::string>> split_key(const std::string& key) {
+LORA_FUNC std::optional<std::pair<std::string, std::string>> split_key(const std::string& key) {
   const std::string prefix = kKeyPrefix;
   if (key.compare(0, prefix.size(), prefix) != 0) return std::nullopt;
   for (const char* suffix :
@@ -98,6 +115,8 @@ inline std::optional<std::pair<std::string, std::string>> split_key(const std::s
   }
   return std::nullopt;
 }
+
+#endif  // LORA_WITH_BODIES
 
 /// Throws FormatError unless every element of `m` (tensor `key`, read as T) is finite: names the
 /// first bad element in the file's row-major order, and says when the stored value was finite but
@@ -273,20 +292,7 @@ AdapterFile<T> read_adapter(const std::string& dir, const ReadOptions& options =
 namespace detail {
 
 /// The Levenshtein distance between a and b (insertions, deletions, substitutions), O(|a| |b|).
-inline std::size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<std::size_t> row(b.size() + 1);
-  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (std::size_t i = 1; i <= a.size(); ++i) {
-    std::size_t diagonal = row[0];
-    row[0] = i;
-    for (std::size_t j = 1; j <= b.size(); ++j) {
-      const std::size_t up = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] != b[j - 1] ? 1 : 0)});
-      diagonal = up;
-    }
-  }
-  return row[b.size()];
-}
+LORA_FUNC std::size_t edit_distance(const std::string& a, const std::string& b);
 
 /// ", closest in the file: \"a\", \"b\", \"c\"": up to three module paths of `file` nearest to
 /// `path` (for a typo in a module name).
@@ -309,14 +315,36 @@ std::string closest_modules(const AdapterFile<T>& file, const std::string& path)
 
 /// Throws std::invalid_argument when `layer` was already given for another module (`seen`: the
 /// layers so far): one layer cannot take two modules' adapters.
-inline void require_distinct_layer(std::map<const void*, std::string>& seen, const void* layer,
-                                   const std::string& path) {
+LORA_FUNC void require_distinct_layer(std::map<const void*, std::string>& seen, const void* layer,
+                                      const std::string& path);
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC std::size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diagonal = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] != b[j - 1] ? 1 : 0)});
+      diagonal = up;
+    }
+  }
+  return row[b.size()];
+}
+
+LORA_FUNC void require_distinct_layer(std::map<const void*, std::string>& seen, const void* layer,
+                                      const std::string& path) {
   const auto [it, fresh] = seen.emplace(layer, path);
   if (!fresh)
     throw std::invalid_argument("load_adapter: the same layer is given for modules " +
                                 io::quote_for_message(it->second) + " and " +
                                 io::quote_for_message(path));
 }
+
+#endif  // LORA_WITH_BODIES
 
 /// Checks that `file` and `layers` name the same modules with the same shapes.
 template <typename T, typename Layer>
@@ -435,7 +463,11 @@ struct SaveOptions {
 namespace detail {
 
 /// An escaped regular expression for a literal module path (PEFT's keys are regexes).
-inline std::string regex_escape(const std::string& s) {
+LORA_FUNC std::string regex_escape(const std::string& s);
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC std::string regex_escape(const std::string& s) {
   std::string out;
   for (char c : s) {
     if (std::string("\\^$.|?*+()[]{}").find(c) != std::string::npos) out += '\\';
@@ -443,6 +475,8 @@ inline std::string regex_escape(const std::string& s) {
   }
   return out;
 }
+
+#endif  // LORA_WITH_BODIES
 
 /// Candidate defaults for r or lora_alpha: `first`, then the other values in `wanted` from the
 /// most common to the least (ties: the smaller first).
@@ -575,7 +609,45 @@ AdapterConfig config_for(const std::map<std::string, const LoRAAdapter<T>*>& ada
 }
 
 /// Creates `dir` unless it exists; returns true when it created it.
-inline bool make_directory(const std::string& dir) {
+LORA_FUNC bool make_directory(const std::string& dir);
+
+/// `path` normalised lexically, as Python's os.path.normpath: "." components and empty ones
+/// ("a//b") dropped, "x/.." removed ("a/p1/../p2" is "a/p2"; "/.." is "/"), no trailing '/'.
+/// The empty path stays empty; one that normalises to nothing is ".".
+LORA_FUNC std::string normalize_path(const std::string& path);
+
+/// Creates `dir` and its missing parents (mkdir -p); returns the folders it created, the deepest
+/// last, so that a failed save can remove them again (see remove_directories).
+LORA_FUNC std::vector<std::string> make_directories(const std::string& dir);
+
+/// Removes the folders make_directories created, the deepest first (each only when empty).
+LORA_FUNC void remove_directories(const std::vector<std::string>& created);
+
+LORA_FUNC void require_not_directory(const std::string& path);
+
+/// The file at `path` as it was before a save, so that a failed save can put it back: kept under a
+/// second name (a hard link: putting it back is a rename, which needs no free space) or, where
+/// the file system has no hard links, as a copy in memory. A path with no file is put back by
+/// removing what the save wrote there.
+class PreviousFile {
+ public:
+  explicit PreviousFile(const std::string& path);
+  PreviousFile(const PreviousFile&) = delete;
+  PreviousFile& operator=(const PreviousFile&) = delete;
+  ~PreviousFile();
+
+  /// Puts the previous file back (best effort: the first error is the one reported).
+  void restore();
+
+ private:
+  std::string path_, kept_;
+  bool existed_ = false;
+  std::optional<std::vector<std::uint8_t>> copy_;
+};
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC bool make_directory(const std::string& dir) {
   if (::mkdir(dir.c_str(), 0777) == 0) return true;
   if (errno != EEXIST)
     throw io::WriteError("save_adapter: cannot create the folder \"" + dir +
@@ -586,10 +658,7 @@ inline bool make_directory(const std::string& dir) {
   return false;
 }
 
-/// `path` normalised lexically, as Python's os.path.normpath: "." components and empty ones
-/// ("a//b") dropped, "x/.." removed ("a/p1/../p2" is "a/p2"; "/.." is "/"), no trailing '/'.
-/// The empty path stays empty; one that normalises to nothing is ".".
-inline std::string normalize_path(const std::string& path) {
+LORA_FUNC std::string normalize_path(const std::string& path) {
   if (path.empty()) return path;
   const bool absolute = path.front() == '/';
   std::vector<std::string> parts;
@@ -614,9 +683,7 @@ inline std::string normalize_path(const std::string& path) {
   return out.empty() ? "." : out;
 }
 
-/// Creates `dir` and its missing parents (mkdir -p); returns the folders it created, the deepest
-/// last, so that a failed save can remove them again (see remove_directories).
-inline std::vector<std::string> make_directories(const std::string& dir) {
+LORA_FUNC std::vector<std::string> make_directories(const std::string& dir) {
   if (dir.empty()) make_directory(dir);  // throws: "" names no folder
   std::vector<std::string> created;
   try {
@@ -633,72 +700,59 @@ inline std::vector<std::string> make_directories(const std::string& dir) {
   return created;
 }
 
-/// Removes the folders make_directories created, the deepest first (each only when empty).
-inline void remove_directories(const std::vector<std::string>& created) {
+LORA_FUNC void remove_directories(const std::vector<std::string>& created) {
   for (auto it = created.rbegin(); it != created.rend(); ++it) ::rmdir(it->c_str());
 }
 
-inline void require_not_directory(const std::string& path) {
+LORA_FUNC void require_not_directory(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
     throw io::WriteError("save_adapter: \"" + path + "\" is a directory, not a file");
 }
 
-/// The file at `path` as it was before a save, so that a failed save can put it back: kept under a
-/// second name (a hard link: putting it back is a rename, which needs no free space) or, where
-/// the file system has no hard links, as a copy in memory. A path with no file is put back by
-/// removing what the save wrote there.
-class PreviousFile {
- public:
-  explicit PreviousFile(const std::string& path) : path_(path) {
-    struct stat st {};
-    if (::lstat(path.c_str(), &st) != 0) {
-      if (errno == ENOENT) return;
-      throw io::WriteError("save_adapter: cannot inspect \"" + path +
-                           "\": " + io::detail::errno_string(errno));
+LORA_FUNC PreviousFile::PreviousFile(const std::string& path) : path_(path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return;
+    throw io::WriteError("save_adapter: cannot inspect \"" + path +
+                         "\": " + io::detail::errno_string(errno));
+  }
+  if (S_ISDIR(st.st_mode))
+    throw io::WriteError("save_adapter: \"" + path + "\" is a directory, not a file");
+  existed_ = true;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    const std::string name = io::detail::sibling_name(path, "keep");
+    if (::link(path.c_str(), name.c_str()) == 0) {
+      kept_ = name;
+      return;
     }
-    if (S_ISDIR(st.st_mode))
-      throw io::WriteError("save_adapter: \"" + path + "\" is a directory, not a file");
-    existed_ = true;
-    for (int attempt = 0; attempt < 100; ++attempt) {
-      const std::string name = io::detail::sibling_name(path, "keep");
-      if (::link(path.c_str(), name.c_str()) == 0) {
-        kept_ = name;
-        return;
-      }
-      if (errno != EEXIST) break;
-    }
+    if (errno != EEXIST) break;
+  }
+  try {
+    copy_ = io::read_file(path, "save_adapter");
+  } catch (const io::FormatError& e) {
+    throw io::WriteError(std::string(e.what()) + " (it would be replaced)");
+  }
+}
+
+LORA_FUNC PreviousFile::~PreviousFile() {
+  if (!kept_.empty()) ::unlink(kept_.c_str());
+}
+
+LORA_FUNC void PreviousFile::restore() {
+  if (!existed_) {
+    ::unlink(path_.c_str());
+  } else if (!kept_.empty()) {
+    if (::rename(kept_.c_str(), path_.c_str()) == 0) kept_.clear();
+  } else if (copy_) {
     try {
-      copy_ = io::read_file(path, "save_adapter");
-    } catch (const io::FormatError& e) {
-      throw io::WriteError(std::string(e.what()) + " (it would be replaced)");
+      io::write_file_atomically(path_, copy_->data(), copy_->size());
+    } catch (const io::WriteError&) {
     }
   }
-  PreviousFile(const PreviousFile&) = delete;
-  PreviousFile& operator=(const PreviousFile&) = delete;
-  ~PreviousFile() {
-    if (!kept_.empty()) ::unlink(kept_.c_str());
-  }
+}
 
-  /// Puts the previous file back (best effort: the first error is the one reported).
-  void restore() {
-    if (!existed_) {
-      ::unlink(path_.c_str());
-    } else if (!kept_.empty()) {
-      if (::rename(kept_.c_str(), path_.c_str()) == 0) kept_.clear();
-    } else if (copy_) {
-      try {
-        io::write_file_atomically(path_, copy_->data(), copy_->size());
-      } catch (const io::WriteError&) {
-      }
-    }
-  }
-
- private:
-  std::string path_, kept_;
-  bool existed_ = false;
-  std::optional<std::vector<std::uint8_t>> copy_;
-};
+#endif  // LORA_WITH_BODIES
 
 /// Throws std::domain_error unless every element of `m` is finite, naming the tensor `key`.
 template <typename Derived>

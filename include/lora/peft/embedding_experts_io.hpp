@@ -15,6 +15,7 @@
 // n_embd]).
 #pragma once
 
+#include "lora/detail/compiled_mode.hpp"
 #include "lora/io/atomic_file.hpp"
 #include "lora/io/format_error.hpp"
 #include "lora/io/safetensors.hpp"
@@ -40,13 +41,19 @@ namespace lora::peft {
 namespace detail {
 
 /// "<module>" of the parameter path "<module>.<name>" (PEFT's ParamWrapper sits at <module>).
-inline std::string owner_module(const std::string& parameter) {
+LORA_FUNC std::string owner_module(const std::string& parameter);
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC std::string owner_module(const std::string& parameter) {
   const auto dot = parameter.rfind('.');
   if (dot == std::string::npos || dot == 0 || dot + 1 == parameter.size())
     throw std::invalid_argument("peft: expert parameter path " + io::quote_for_message(parameter) +
                                 " must be <module>.<parameter name>");
   return parameter.substr(0, dot);
 }
+
+#endif  // LORA_WITH_BODIES
 
 }  // namespace detail
 

@@ -5,6 +5,7 @@
 // adapter_io.hpp cannot take (a braced list deduces no template parameter).
 #pragma once
 
+#include "lora/detail/compiled_mode.hpp"
 #include "lora/lora_linear.hpp"
 #include "lora/multi_lora_linear.hpp"
 #include "lora/peft/adapter_io.hpp"
@@ -279,27 +280,7 @@ namespace detail {
 /// True when the layers are float, false when double; throws std::invalid_argument for an empty
 /// list, a null layer, a mix of float and double, of LoRALinear and MultiLoRALinear, or a name
 /// given (or not) where the kind of layer wants the opposite.
-inline bool check_refs(const LayerRefs& layers, const char* who, bool named) {
-  const auto fail = [who](const std::string& what) {
-    return std::invalid_argument(std::string(who) + ": " + what);
-  };
-  if (layers.empty()) throw fail("no layers given");
-  for (const auto& [path, ref] : layers)
-    if (ref.is_null())
-      throw fail("the layer given for " + io::quote_for_message(path) + " is null");
-  const auto& [first_path, first] = *layers.begin();
-  for (const auto& [path, ref] : layers) {
-    if (ref.holds<float>() != first.holds<float>())
-      throw fail("the layers mix float and double (" + io::quote_for_message(first_path) + " and " +
-                 io::quote_for_message(path) + ")");
-    if (ref.is_multi() != named)
-      throw fail(named ? "an adapter name is given but the layer of " +
-                             io::quote_for_message(path) + " is a LoRALinear"
-                       : "the layer of " + io::quote_for_message(path) +
-                             " is a MultiLoRALinear: give the adapter's name");
-  }
-  return first.holds<float>();
-}
+LORA_FUNC bool check_refs(const LayerRefs& layers, const char* who, bool named);
 
 template <typename T>
 AdapterConfig load_refs(const std::string& dir, const LayerRefs& layers, const std::string& name,
@@ -345,42 +326,84 @@ AdapterConfig save_refs(const std::string& dir, const LayerRefs& layers, const s
   return write_adapter<T>(dir, adapters, options);
 }
 
+#if LORA_WITH_BODIES
+
+LORA_FUNC bool check_refs(const LayerRefs& layers, const char* who, bool named) {
+  const auto fail = [who](const std::string& what) {
+    return std::invalid_argument(std::string(who) + ": " + what);
+  };
+  if (layers.empty()) throw fail("no layers given");
+  for (const auto& [path, ref] : layers)
+    if (ref.is_null())
+      throw fail("the layer given for " + io::quote_for_message(path) + " is null");
+  const auto& [first_path, first] = *layers.begin();
+  for (const auto& [path, ref] : layers) {
+    if (ref.holds<float>() != first.holds<float>())
+      throw fail("the layers mix float and double (" + io::quote_for_message(first_path) + " and " +
+                 io::quote_for_message(path) + ")");
+    if (ref.is_multi() != named)
+      throw fail(named ? "an adapter name is given but the layer of " +
+                             io::quote_for_message(path) + " is a LoRALinear"
+                       : "the layer of " + io::quote_for_message(path) +
+                             " is a MultiLoRALinear: give the adapter's name");
+  }
+  return first.holds<float>();
+}
+
+#endif  // LORA_WITH_BODIES
+
 }  // namespace detail
 
 /// save_adapter for a braced list of LoRALinear layers (float or double, one kind per call):
 /// `save_adapter("out", {{"fc1", &fc1}, {"fc2", &fc2}})`. See write_adapter.
-inline AdapterConfig save_adapter(const std::string& dir, const LayerRefs& layers,
-                                  const SaveOptions& options = {}) {
+LORA_FUNC AdapterConfig save_adapter(const std::string& dir, const LayerRefs& layers,
+                                     const SaveOptions& options = {});
+
+/// save_adapter for adapter `name` of a braced list of MultiLoRALinear layers:
+/// `save_adapter("out", {{"fc1", &fc1}}, "task_a")`.
+LORA_FUNC AdapterConfig save_adapter(const std::string& dir, const LayerRefs& layers,
+                                     const std::string& name, const SaveOptions& options = {});
+
+/// load_adapter for a braced list of LoRALinear layers: `load_adapter("out", {{"fc1", &fc1}})`,
+/// all-or-nothing as the map overload.
+LORA_FUNC AdapterConfig load_adapter(const std::string& dir, const LayerRefs& layers,
+                                     const ReadOptions& options = {});
+
+/// load_adapter for a braced list of MultiLoRALinear layers, adding the file's adapter as `name`:
+/// `load_adapter("out", {{"fc1", &fc1}}, "task_b")`; all-or-nothing as the map overload.
+LORA_FUNC AdapterConfig load_adapter(const std::string& dir, const LayerRefs& layers,
+                                     const std::string& name, const ReadOptions& options = {});
+
+#if LORA_WITH_BODIES
+
+LORA_FUNC AdapterConfig save_adapter(const std::string& dir, const LayerRefs& layers,
+                                     const SaveOptions& options) {
   return detail::check_refs(layers, "save_adapter", false)
              ? detail::save_refs<float>(dir, layers, {}, options)
              : detail::save_refs<double>(dir, layers, {}, options);
 }
 
-/// save_adapter for adapter `name` of a braced list of MultiLoRALinear layers:
-/// `save_adapter("out", {{"fc1", &fc1}}, "task_a")`.
-inline AdapterConfig save_adapter(const std::string& dir, const LayerRefs& layers,
-                                  const std::string& name, const SaveOptions& options = {}) {
+LORA_FUNC AdapterConfig save_adapter(const std::string& dir, const LayerRefs& layers,
+                                     const std::string& name, const SaveOptions& options) {
   return detail::check_refs(layers, "save_adapter", true)
              ? detail::save_refs<float>(dir, layers, name, options)
              : detail::save_refs<double>(dir, layers, name, options);
 }
 
-/// load_adapter for a braced list of LoRALinear layers: `load_adapter("out", {{"fc1", &fc1}})`,
-/// all-or-nothing as the map overload.
-inline AdapterConfig load_adapter(const std::string& dir, const LayerRefs& layers,
-                                  const ReadOptions& options = {}) {
+LORA_FUNC AdapterConfig load_adapter(const std::string& dir, const LayerRefs& layers,
+                                     const ReadOptions& options) {
   return detail::check_refs(layers, "load_adapter", false)
              ? detail::load_refs<float>(dir, layers, {}, options)
              : detail::load_refs<double>(dir, layers, {}, options);
 }
 
-/// load_adapter for a braced list of MultiLoRALinear layers, adding the file's adapter as `name`:
-/// `load_adapter("out", {{"fc1", &fc1}}, "task_b")`; all-or-nothing as the map overload.
-inline AdapterConfig load_adapter(const std::string& dir, const LayerRefs& layers,
-                                  const std::string& name, const ReadOptions& options = {}) {
+LORA_FUNC AdapterConfig load_adapter(const std::string& dir, const LayerRefs& layers,
+                                     const std::string& name, const ReadOptions& options) {
   return detail::check_refs(layers, "load_adapter", true)
              ? detail::load_refs<float>(dir, layers, name, options)
              : detail::load_refs<double>(dir, layers, name, options);
 }
+
+#endif  // LORA_WITH_BODIES
 
 }  // namespace lora::peft
