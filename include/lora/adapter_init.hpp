@@ -9,6 +9,7 @@
 
 #include "lora/config.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/detail/compiled_mode.hpp"
 #include "lora/random.hpp"
 
 #include <Eigen/Core>
@@ -26,7 +27,10 @@ using InitMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
 /// A random orthogonal r x r matrix: the Q of X = Q R (X ~ N(0, 1) from `rng`, R with a positive
 /// diagonal) by Gram-Schmidt with one reorthogonalisation, in double. (Eigen's QR would do the
 /// same, at seconds of compile time in every file that builds an adapter.)
-inline Eigen::MatrixXd random_orthogonal(int r, Rng& rng) {
+LORA_FUNC Eigen::MatrixXd random_orthogonal(int r, Rng& rng);
+
+#if LORA_WITH_BODIES
+LORA_FUNC Eigen::MatrixXd random_orthogonal(int r, Rng& rng) {
   Eigen::MatrixXd Q(r, r);
   fill_normal(Q, rng, 0.0, 1.0);
   for (int j = 0; j < r; ++j) {
@@ -36,6 +40,7 @@ inline Eigen::MatrixXd random_orthogonal(int r, Rng& rng) {
   }
   return Q;
 }
+#endif
 
 }  // namespace detail
 
@@ -64,7 +69,10 @@ void orthogonal_init(Eigen::Index d, Eigen::Index k, int r, std::uint64_t seed,
 
 /// PEFT's `init_lora_weights` value for an init: true (KaimingUniform), "gaussian", "pissa",
 /// "pissa_niter_N", "olora", "loftq", "orthogonal" (as text; `true` is returned as "true").
-inline std::string peft_init_name(Init init, int svd_iterations = 0) {
+LORA_FUNC std::string peft_init_name(Init init, int svd_iterations = 0);
+
+#if LORA_WITH_BODIES
+LORA_FUNC std::string peft_init_name(Init init, int svd_iterations) {
   switch (init) {
     case Init::KaimingUniform:
       return "true";
@@ -81,12 +89,16 @@ inline std::string peft_init_name(Init init, int svd_iterations = 0) {
   }
   return "true";
 }
+#endif
 
 /// The init named by PEFT's `init_lora_weights` text ("true", "false", "gaussian", "pissa",
 /// "pissa_niter_N", "olora", "loftq", "orthogonal"); svd_iterations is set for pissa_niter_N.
 /// Returns false for a name lora does not know ("false", PEFT's B = A = identity-free init for
 /// tests, maps to KaimingUniform: the weights come from the file anyway).
-inline bool init_from_peft_name(const std::string& name, Init& init, int& svd_iterations) {
+LORA_FUNC bool init_from_peft_name(const std::string& name, Init& init, int& svd_iterations);
+
+#if LORA_WITH_BODIES
+LORA_FUNC bool init_from_peft_name(const std::string& name, Init& init, int& svd_iterations) {
   svd_iterations = 0;
   if (name == "true" || name == "false") {
     init = Init::KaimingUniform;
@@ -112,5 +124,6 @@ inline bool init_from_peft_name(const std::string& name, Init& init, int& svd_it
   }
   return true;
 }
+#endif
 
 }  // namespace lora

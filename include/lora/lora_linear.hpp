@@ -42,39 +42,23 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
   using Vector = typename AdapterLayer<T, Frozen>::Vector;    ///< a dense T vector
 
   /// Wraps the frozen weight W0 (d x k); pass an rvalue to move it in instead of copying.
-  explicit LoRALinear(Matrix W0, const LoRAConfig& config = LoRAConfig{})
-      : LoRALinear(std::move(W0), Vector(), config) {}
+  explicit LoRALinear(Matrix W0, const LoRAConfig& config = LoRAConfig{});
 
   /// As above, with a frozen bias b of length d. A PiSSA, OLoRA or LoftQ config factors this W0
   /// at full precision before the storage rounds the residual (lora/init.hpp).
-  LoRALinear(Matrix W0, Vector bias, const LoRAConfig& config)
-      : Core(make_frozen(W0, config), std::move(bias), "LoRALinear") {
-    if (changes_base(config.init) && W0.size() != 0)
-      Core::add_adapter(kName, config, std::move(W0));  // the residual is formed in W0 itself
-    else
-      Core::add_adapter(kName, config);
-    Core::set_active(kName);
-  }
+  LoRALinear(Matrix W0, Vector bias, const LoRAConfig& config);
 
   /// Wraps a frozen storage built by the caller, e.g.
   /// `DenseFrozenWeight<float>(W0, MergeMode::ExactRestore)` or
   /// `Bf16FrozenWeight(W0, MergeMode::ExactRestore, Bf16Backend::Portable)`; bias: length d or
   /// empty.
-  LoRALinear(Frozen frozen, Vector bias, const LoRAConfig& config)
-      : Core(std::move(frozen), std::move(bias), "LoRALinear") {
-    Core::add_adapter(kName, config);
-    Core::set_active(kName);
-  }
+  LoRALinear(Frozen frozen, Vector bias, const LoRAConfig& config);
 
   /// As above for a PiSSA, OLoRA or LoftQ config, which factors `original`: the full-precision W0
   /// (d x k) the storage was built from, e.g.
   /// `LoRALinear<float, Nf4FrozenWeight>(Nf4FrozenWeight(W0, options), {}, cfg, W0)` for LoftQ.
   LoRALinear(Frozen frozen, Vector bias, const LoRAConfig& config,
-             const Eigen::Ref<const Matrix>& original)
-      : Core(std::move(frozen), std::move(bias), "LoRALinear") {
-    Core::add_adapter(kName, config, original);
-    Core::set_active(kName);
-  }
+             const Eigen::Ref<const Matrix>& original);
 
   // The frozen side, modes, forward and backward, merge and health are AdapterLayer's public
   // members; this face adds the accessors of its one adapter.
@@ -122,12 +106,7 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
 
   /// Replaces A (r x k) and B (d x r), e.g. with loaded values; throws std::logic_error while
   /// merged.
-  void set_adapter_weights(const Eigen::Ref<const Matrix>& A, const Eigen::Ref<const Matrix>& B) {
-    detail::require_state(!this->is_merged(),
-                          "LoRALinear::set_adapter_weights: the layer is merged; call unmerge() "
-                          "first");
-    adapter().set_weights(A, B);
-  }
+  void set_adapter_weights(const Eigen::Ref<const Matrix>& A, const Eigen::Ref<const Matrix>& B);
 
   /// Gives the layer the values of `adapter` (for example one loaded from a PEFT file, whose rank
   /// and scaling may differ from the layer's first config), copying into the existing storage where
@@ -142,7 +121,7 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
 
   /// s * B * A as a dense d x k matrix (for inspection and export; training never forms it). For
   /// DoRA this is the direction's update only; weight() after merge() is the whole adapted weight.
-  Matrix delta_weight() const { return scaling() * B() * A(); }
+  Matrix delta_weight() const;
 
  private:
   using Core = AdapterLayer<T, Frozen>;
@@ -150,19 +129,72 @@ class LoRALinear : public AdapterLayer<T, Frozen> {
   static constexpr const char* kName = "default";  // PEFT's name for a model's one adapter
 
   // The storage of W0; W0 itself is kept (copied) only when an init still needs it.
-  static Frozen make_frozen(Matrix& W0, const LoRAConfig& config) {
-    checked_weight(W0, config);
-    if (changes_base(config.init)) return Frozen(W0);
-    return Frozen(std::move(W0));
-  }
+  static Frozen make_frozen(Matrix& W0, const LoRAConfig& config);
 
-  static const Matrix& checked_weight(const Matrix& W0, const LoRAConfig& config) {
-    detail::require(W0.rows() >= 1 && W0.cols() >= 1, "LoRALinear: W0 must be at least 1 x 1, got ",
-                    detail::shape_string(W0.rows(), W0.cols()));
-    config.validate_for(W0.rows(), W0.cols());
-    return W0;
-  }
+  static const Matrix& checked_weight(const Matrix& W0, const LoRAConfig& config);
 };
+
+// The members with bodies, out of the class so that they are not inline: a file that sees
+// `extern template class LoRALinear<T, F>` (lora/extern_templates.hpp) does not instantiate them.
+
+template <typename T, typename Frozen>
+LoRALinear<T, Frozen>::LoRALinear(Matrix W0, const LoRAConfig& config)
+    : LoRALinear(std::move(W0), Vector(), config) {}
+
+template <typename T, typename Frozen>
+LoRALinear<T, Frozen>::LoRALinear(Matrix W0, Vector bias, const LoRAConfig& config)
+    : Core(make_frozen(W0, config), std::move(bias), "LoRALinear") {
+  if (changes_base(config.init) && W0.size() != 0)
+    Core::add_adapter(kName, config, std::move(W0));  // the residual is formed in W0 itself
+  else
+    Core::add_adapter(kName, config);
+  Core::set_active(kName);
+}
+
+template <typename T, typename Frozen>
+LoRALinear<T, Frozen>::LoRALinear(Frozen frozen, Vector bias, const LoRAConfig& config)
+    : Core(std::move(frozen), std::move(bias), "LoRALinear") {
+  Core::add_adapter(kName, config);
+  Core::set_active(kName);
+}
+
+template <typename T, typename Frozen>
+LoRALinear<T, Frozen>::LoRALinear(Frozen frozen, Vector bias, const LoRAConfig& config,
+                                  const Eigen::Ref<const Matrix>& original)
+    : Core(std::move(frozen), std::move(bias), "LoRALinear") {
+  Core::add_adapter(kName, config, original);
+  Core::set_active(kName);
+}
+
+template <typename T, typename Frozen>
+void LoRALinear<T, Frozen>::set_adapter_weights(const Eigen::Ref<const Matrix>& A,
+                                                const Eigen::Ref<const Matrix>& B) {
+  detail::require_state(!this->is_merged(),
+                        "LoRALinear::set_adapter_weights: the layer is merged; call unmerge() "
+                        "first");
+  adapter().set_weights(A, B);
+}
+
+template <typename T, typename Frozen>
+auto LoRALinear<T, Frozen>::delta_weight() const -> Matrix {
+  return scaling() * B() * A();
+}
+
+template <typename T, typename Frozen>
+Frozen LoRALinear<T, Frozen>::make_frozen(Matrix& W0, const LoRAConfig& config) {
+  checked_weight(W0, config);
+  if (changes_base(config.init)) return Frozen(W0);
+  return Frozen(std::move(W0));
+}
+
+template <typename T, typename Frozen>
+auto LoRALinear<T, Frozen>::checked_weight(const Matrix& W0, const LoRAConfig& config)
+    -> const Matrix& {
+  detail::require(W0.rows() >= 1 && W0.cols() >= 1, "LoRALinear: W0 must be at least 1 x 1, got ",
+                  detail::shape_string(W0.rows(), W0.cols()));
+  config.validate_for(W0.rows(), W0.cols());
+  return W0;
+}
 
 /// The layer's adapter as optimizer parameters: {A, grad_A} (r x k), {B, grad_B} (d x r) and, with
 /// a lora bias, {b_B, grad}; with DoRA, {m, grad_m} (d x 1). The views stay valid while the layer

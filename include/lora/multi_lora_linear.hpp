@@ -37,13 +37,11 @@ class MultiLoRALinear : public AdapterLayer<T, Frozen> {
   using typename Core::Vector;
 
   /// Wraps W0 (d x k; pass an rvalue to move it in), with an optional frozen bias of length d.
-  explicit MultiLoRALinear(Matrix W0, Vector bias = Vector())
-      : MultiLoRALinear(Frozen(checked(std::move(W0))), std::move(bias)) {}
+  explicit MultiLoRALinear(Matrix W0, Vector bias = Vector());
 
   /// Wraps a frozen storage built by the caller (any storage: bf16, oneDNN, ...); its merge mode
   /// was chosen there.
-  explicit MultiLoRALinear(Frozen frozen, Vector bias = Vector())
-      : Core(std::move(frozen), std::move(bias), "MultiLoRALinear") {}
+  explicit MultiLoRALinear(Frozen frozen, Vector bias = Vector());
 
   // The multi-adapter part of AdapterLayer's API (protected there), public here; the rest of
   // AdapterLayer's public members are this class's by inheritance.
@@ -106,20 +104,7 @@ class MultiLoRALinear : public AdapterLayer<T, Frozen> {
   /// and the Svd forms' rank (see combine_adapters for the formulas, PEFT's).
   Adapter& add_weighted_adapter(const std::string& name, const std::vector<std::string>& sources,
                                 const std::vector<double>& weights, Combination how,
-                                const CombineOptions& options) {
-    std::vector<const Adapter*> parts;
-    for (const auto& s : sources) {
-      parts.push_back(&std::as_const(*this).adapter(s));
-      detail::require(!parts.back()->uses_dora(),
-                      "MultiLoRALinear::add_weighted_adapter: adapter \"", s,
-                      "\" is a DoRA adapter; a weighted sum of B A updates does not combine DoRA's "
-                      "magnitudes");
-    }
-    detail::require(!has_adapter(name),
-                    "MultiLoRALinear::add_weighted_adapter: an adapter named \"", name,
-                    "\" already exists");
-    return add_adapter(name, combine_adapters<T>(parts, weights, how, options));
-  }
+                                const CombineOptions& options);
 
  private:
   Adapter& activate_if_first(Adapter& added, const std::string& name) {
@@ -127,13 +112,47 @@ class MultiLoRALinear : public AdapterLayer<T, Frozen> {
     return added;
   }
 
-  static Matrix checked(Matrix W0) {
-    detail::require(W0.rows() >= 1 && W0.cols() >= 1,
-                    "MultiLoRALinear: W0 must be at least 1 x 1, got ",
-                    detail::shape_string(W0.rows(), W0.cols()));
-    return W0;
-  }
+  static Matrix checked(Matrix W0);
 };
+
+// The members with bodies, out of the class so that they are not inline: a file that sees
+// `extern template class MultiLoRALinear<T, F>` (lora/extern_templates.hpp) does not instantiate
+// them.
+
+template <typename T, typename Frozen>
+MultiLoRALinear<T, Frozen>::MultiLoRALinear(Matrix W0, Vector bias)
+    : MultiLoRALinear(Frozen(checked(std::move(W0))), std::move(bias)) {}
+
+template <typename T, typename Frozen>
+MultiLoRALinear<T, Frozen>::MultiLoRALinear(Frozen frozen, Vector bias)
+    : Core(std::move(frozen), std::move(bias), "MultiLoRALinear") {}
+
+template <typename T, typename Frozen>
+auto MultiLoRALinear<T, Frozen>::add_weighted_adapter(const std::string& name,
+                                                      const std::vector<std::string>& sources,
+                                                      const std::vector<double>& weights,
+                                                      Combination how,
+                                                      const CombineOptions& options) -> Adapter& {
+  std::vector<const Adapter*> parts;
+  for (const auto& s : sources) {
+    parts.push_back(&std::as_const(*this).adapter(s));
+    detail::require(!parts.back()->uses_dora(), "MultiLoRALinear::add_weighted_adapter: adapter \"",
+                    s,
+                    "\" is a DoRA adapter; a weighted sum of B A updates does not combine DoRA's "
+                    "magnitudes");
+  }
+  detail::require(!has_adapter(name), "MultiLoRALinear::add_weighted_adapter: an adapter named \"",
+                  name, "\" already exists");
+  return add_adapter(name, combine_adapters<T>(parts, weights, how, options));
+}
+
+template <typename T, typename Frozen>
+auto MultiLoRALinear<T, Frozen>::checked(Matrix W0) -> Matrix {
+  detail::require(W0.rows() >= 1 && W0.cols() >= 1,
+                  "MultiLoRALinear: W0 must be at least 1 x 1, got ",
+                  detail::shape_string(W0.rows(), W0.cols()));
+  return W0;
+}
 
 /// Adapter `name` of the layer as optimizer parameters (A, B and its lora bias when present),
 /// named "<name>.A", ...; see parameter.hpp for how long they stay valid.

@@ -18,6 +18,7 @@
 #pragma once
 
 #include "lora/detail/check.hpp"
+#include "lora/detail/compiled_mode.hpp"
 #include "lora/parameter.hpp"
 
 #include <Eigen/Core>
@@ -139,9 +140,13 @@ inline char factor_role(const std::string& name) {
   return 0;
 }
 
-inline void require_finite_option(const char* where, const char* name, double v) {
+LORA_FUNC void require_finite_option(const char* where, const char* name, double v);
+
+#if LORA_WITH_BODIES
+LORA_FUNC void require_finite_option(const char* where, const char* name, double v) {
   require(std::isfinite(v), where, ": ", name, " must be finite, got ", v);
 }
+#endif
 
 /// Every view well-formed (grad the shape of value, the two apart) and no tensor given twice: a
 /// repeated parameter would be stepped twice per step().
@@ -171,19 +176,23 @@ struct SGDOptions {
   bool nesterov = false;    ///< Nesterov momentum; needs momentum > 0
 
   /// Throws std::invalid_argument naming the first bad option.
-  void validate() const {
-    constexpr const char* where = "lora::SGDOptions";
-    detail::require_finite_option(where, "lr", lr);
-    detail::require_finite_option(where, "momentum", momentum);
-    detail::require_finite_option(where, "weight_decay", weight_decay);
-    detail::require(lr >= 0, where, ": lr must be >= 0, got ", lr);
-    detail::require(momentum >= 0 && momentum < 1, where, ": momentum must be in [0, 1), got ",
-                    momentum);
-    detail::require(weight_decay >= 0, where, ": weight_decay must be >= 0, got ", weight_decay);
-    detail::require(!nesterov || momentum > 0, where,
-                    ": nesterov needs momentum > 0, got momentum = ", momentum);
-  }
+  void validate() const;
 };
+
+#if LORA_WITH_BODIES
+LORA_FUNC void SGDOptions::validate() const {
+  constexpr const char* where = "lora::SGDOptions";
+  detail::require_finite_option(where, "lr", lr);
+  detail::require_finite_option(where, "momentum", momentum);
+  detail::require_finite_option(where, "weight_decay", weight_decay);
+  detail::require(lr >= 0, where, ": lr must be >= 0, got ", lr);
+  detail::require(momentum >= 0 && momentum < 1, where, ": momentum must be in [0, 1), got ",
+                  momentum);
+  detail::require(weight_decay >= 0, where, ": weight_decay must be >= 0, got ", weight_decay);
+  detail::require(!nesterov || momentum > 0, where,
+                  ": nesterov needs momentum > 0, got momentum = ", momentum);
+}
+#endif
 
 /// Stochastic gradient descent, torch.optim.SGD (dampening 0, maximize false). Per step, for each
 /// parameter p with gradient g:
@@ -200,61 +209,16 @@ class SGD {
 
   /// An optimizer over `params` (views of tensors owned elsewhere; see parameter.hpp). Throws
   /// std::invalid_argument for a bad option or a tensor given twice. Allocates its state here.
-  explicit SGD(std::vector<ParameterView<T>> params, SGDOptions options = {})
-      : params_(std::move(params)), options_(options) {
-    options_.validate();
-    detail::validate_parameters("lora::SGD", params_);
-    if (options_.momentum > 0) {
-      momentum_.reserve(params_.size());
-      for (const auto& p : params_)
-        momentum_.push_back(Matrix::Zero(p.value.rows(), p.value.cols()));
-    }
-  }
+  explicit SGD(std::vector<ParameterView<T>> params, SGDOptions options = {});
 
   /// One update of every parameter from its current gradient; allocates nothing.
-  void step() {
-    detail::require_valid("lora::SGD::step", params_);
-    const T lr = static_cast<T>(options_.lr);
-    const T mu = static_cast<T>(options_.momentum);
-    const T wd = static_cast<T>(options_.weight_decay);
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      ParameterView<T>& view = params_[i];
-      Eigen::Map<Matrix> b(momentum_.empty() ? nullptr : momentum_[i].data(), view.value.rows(),
-                           view.value.cols());
-      auto update = [&](auto p, auto g, auto b) {
-        if (options_.momentum == 0) {
-          p -= lr * (g + wd * p);  // coefficient-wise: reading p while writing it is safe
-          return;
-        }
-        b = mu * b + (g + wd * p);
-        if (options_.nesterov) {
-          p -= lr * ((g + wd * p) + mu * b);
-        } else {
-          p -= lr * b;
-        }
-      };
-      if (view.sparse_columns()) {  // lazily: only the columns with a gradient
-        for (Eigen::Index j : view.columns->list)
-          update(view.value.col(j), view.grad.col(j), b.col(j));
-      } else {
-        update(view.value.block(0, 0, view.value.rows(), view.value.cols()),
-               view.grad.block(0, 0, view.grad.rows(), view.grad.cols()),
-               b.block(0, 0, b.rows(), b.cols()));
-      }
-    }
-    ++steps_;
-  }
+  void step();
 
   /// Sets the gradient of every parameter to zero.
-  void zero_grad() { lora::zero_grad(params_); }
+  void zero_grad();
 
   /// Changes the learning rate (for a schedule); throws std::invalid_argument unless finite, >= 0.
-  void set_learning_rate(double lr) {
-    SGDOptions o = options_;
-    o.lr = lr;
-    o.validate();
-    options_ = o;
-  }
+  void set_learning_rate(double lr);
   /// The learning rate in use.
   double learning_rate() const { return options_.lr; }
   /// The options in use.
@@ -272,17 +236,7 @@ class SGD {
   /// Restores a resumed run's state: the step count and, with momentum, one buffer per parameter
   /// shaped as it (none without momentum). Throws std::invalid_argument (the optimizer unchanged)
   /// for a negative count, a wrong number of buffers or a wrong shape.
-  void load_state(long long step_count, const std::vector<Matrix>& momentum) {
-    constexpr const char* where = "lora::SGD::load_state";
-    detail::require(step_count >= 0, where, ": the step count must be >= 0, got ", step_count);
-    detail::require(momentum.size() == momentum_.size(), where, ": ", momentum_.size(),
-                    " momentum buffers expected, got ", momentum.size());
-    for (std::size_t i = 0; i < momentum_.size(); ++i)
-      detail::require_shape(where, "a momentum buffer", momentum[i], params_[i].value.rows(),
-                            params_[i].value.cols());
-    for (std::size_t i = 0; i < momentum_.size(); ++i) momentum_[i] = momentum[i];
-    steps_ = step_count;
-  }
+  void load_state(long long step_count, const std::vector<Matrix>& momentum);
 
  private:
   std::vector<ParameterView<T>> params_;
@@ -290,6 +244,80 @@ class SGD {
   std::vector<Matrix> momentum_;
   long long steps_ = 0;
 };
+
+// The members with bodies, out of the class so that they are not inline: a file that sees
+// `extern template class SGD<T>` (lora/extern_templates.hpp) does not instantiate them.
+
+template <typename T>
+SGD<T>::SGD(std::vector<ParameterView<T>> params, SGDOptions options)
+    : params_(std::move(params)), options_(options) {
+  options_.validate();
+  detail::validate_parameters("lora::SGD", params_);
+  if (options_.momentum > 0) {
+    momentum_.reserve(params_.size());
+    for (const auto& p : params_) momentum_.push_back(Matrix::Zero(p.value.rows(), p.value.cols()));
+  }
+}
+
+template <typename T>
+void SGD<T>::step() {
+  detail::require_valid("lora::SGD::step", params_);
+  const T lr = static_cast<T>(options_.lr);
+  const T mu = static_cast<T>(options_.momentum);
+  const T wd = static_cast<T>(options_.weight_decay);
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    ParameterView<T>& view = params_[i];
+    Eigen::Map<Matrix> b(momentum_.empty() ? nullptr : momentum_[i].data(), view.value.rows(),
+                         view.value.cols());
+    auto update = [&](auto p, auto g, auto b) {
+      if (options_.momentum == 0) {
+        p -= lr * (g + wd * p);  // coefficient-wise: reading p while writing it is safe
+        return;
+      }
+      b = mu * b + (g + wd * p);
+      if (options_.nesterov) {
+        p -= lr * ((g + wd * p) + mu * b);
+      } else {
+        p -= lr * b;
+      }
+    };
+    if (view.sparse_columns()) {  // lazily: only the columns with a gradient
+      for (Eigen::Index j : view.columns->list)
+        update(view.value.col(j), view.grad.col(j), b.col(j));
+    } else {
+      update(view.value.block(0, 0, view.value.rows(), view.value.cols()),
+             view.grad.block(0, 0, view.grad.rows(), view.grad.cols()),
+             b.block(0, 0, b.rows(), b.cols()));
+    }
+  }
+  ++steps_;
+}
+
+template <typename T>
+void SGD<T>::zero_grad() {
+  lora::zero_grad(params_);
+}
+
+template <typename T>
+void SGD<T>::set_learning_rate(double lr) {
+  SGDOptions o = options_;
+  o.lr = lr;
+  o.validate();
+  options_ = o;
+}
+
+template <typename T>
+void SGD<T>::load_state(long long step_count, const std::vector<Matrix>& momentum) {
+  constexpr const char* where = "lora::SGD::load_state";
+  detail::require(step_count >= 0, where, ": the step count must be >= 0, got ", step_count);
+  detail::require(momentum.size() == momentum_.size(), where, ": ", momentum_.size(),
+                  " momentum buffers expected, got ", momentum.size());
+  for (std::size_t i = 0; i < momentum_.size(); ++i)
+    detail::require_shape(where, "a momentum buffer", momentum[i], params_[i].value.rows(),
+                          params_[i].value.cols());
+  for (std::size_t i = 0; i < momentum_.size(); ++i) momentum_[i] = momentum[i];
+  steps_ = step_count;
+}
 
 /// Options of AdamW, with torch.optim.AdamW's meaning and defaults (amsgrad off).
 struct AdamWOptions {
@@ -308,23 +336,27 @@ struct AdamWOptions {
   bool freeze_A = false;
 
   /// Throws std::invalid_argument naming the first bad option.
-  void validate() const {
-    constexpr const char* where = "lora::AdamWOptions";
-    detail::require_finite_option(where, "loraplus_lr_ratio", loraplus_lr_ratio);
-    detail::require(loraplus_lr_ratio > 0, where, ": loraplus_lr_ratio must be > 0, got ",
-                    loraplus_lr_ratio);
-    detail::require_finite_option(where, "lr", lr);
-    detail::require_finite_option(where, "beta1", beta1);
-    detail::require_finite_option(where, "beta2", beta2);
-    detail::require_finite_option(where, "eps", eps);
-    detail::require_finite_option(where, "weight_decay", weight_decay);
-    detail::require(lr >= 0, where, ": lr must be >= 0, got ", lr);
-    detail::require(beta1 >= 0 && beta1 < 1, where, ": beta1 must be in [0, 1), got ", beta1);
-    detail::require(beta2 >= 0 && beta2 < 1, where, ": beta2 must be in [0, 1), got ", beta2);
-    detail::require(eps >= 0, where, ": eps must be >= 0, got ", eps);
-    detail::require(weight_decay >= 0, where, ": weight_decay must be >= 0, got ", weight_decay);
-  }
+  void validate() const;
 };
+
+#if LORA_WITH_BODIES
+LORA_FUNC void AdamWOptions::validate() const {
+  constexpr const char* where = "lora::AdamWOptions";
+  detail::require_finite_option(where, "loraplus_lr_ratio", loraplus_lr_ratio);
+  detail::require(loraplus_lr_ratio > 0, where, ": loraplus_lr_ratio must be > 0, got ",
+                  loraplus_lr_ratio);
+  detail::require_finite_option(where, "lr", lr);
+  detail::require_finite_option(where, "beta1", beta1);
+  detail::require_finite_option(where, "beta2", beta2);
+  detail::require_finite_option(where, "eps", eps);
+  detail::require_finite_option(where, "weight_decay", weight_decay);
+  detail::require(lr >= 0, where, ": lr must be >= 0, got ", lr);
+  detail::require(beta1 >= 0 && beta1 < 1, where, ": beta1 must be in [0, 1), got ", beta1);
+  detail::require(beta2 >= 0 && beta2 < 1, where, ": beta2 must be in [0, 1), got ", beta2);
+  detail::require(eps >= 0, where, ": eps must be >= 0, got ", eps);
+  detail::require(weight_decay >= 0, where, ": weight_decay must be >= 0, got ", weight_decay);
+}
+#endif
 
 /// Adam with decoupled weight decay (Loshchilov & Hutter, arXiv 1711.05101), torch.optim.AdamW
 /// (amsgrad false). At step t = 1, 2, ..., for each parameter p with gradient g:
@@ -340,65 +372,16 @@ class AdamW {
 
   /// An optimizer over `params` (views of tensors owned elsewhere; see parameter.hpp). Throws
   /// std::invalid_argument for a bad option or a tensor given twice. Allocates its state here.
-  explicit AdamW(std::vector<ParameterView<T>> params, AdamWOptions options = {})
-      : params_(std::move(params)), options_(options) {
-    options_.validate();
-    detail::validate_parameters("lora::AdamW", params_);
-    m_.reserve(params_.size());
-    v_.reserve(params_.size());
-    for (const auto& p : params_) {
-      m_.push_back(Matrix::Zero(p.value.rows(), p.value.cols()));
-      v_.push_back(Matrix::Zero(p.value.rows(), p.value.cols()));
-    }
-  }
+  explicit AdamW(std::vector<ParameterView<T>> params, AdamWOptions options = {});
 
   /// One update of every parameter from its current gradient; allocates nothing.
-  void step() {
-    detail::require_valid("lora::AdamW::step", params_);
-    ++steps_;
-    const double t = static_cast<double>(steps_);
-    const double bias1 = 1.0 - std::pow(options_.beta1, t);
-    const double bias2 = 1.0 - std::pow(options_.beta2, t);
-    const T b1 = static_cast<T>(options_.beta1), b2 = static_cast<T>(options_.beta2);
-    const T sqrt_bias2 = static_cast<T>(std::sqrt(bias2));
-    const T eps = static_cast<T>(options_.eps);
-    auto update = [&](auto p, auto g, auto m, auto v, T decay, T step_size) {
-      p *= decay;
-      m = b1 * m + (T(1) - b1) * g;
-      v = b2 * v + (T(1) - b2) * g.cwiseAbs2();
-      // As PyTorch: p += -step_size * (m / (sqrt(v) / sqrt(1 - beta2^t) + eps)).
-      p.array() -= step_size * (m.array() / (v.array().sqrt() / sqrt_bias2 + eps));
-    };
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      const char role = detail::factor_role(params_[i].name);
-      if (options_.freeze_A && role == 'A') continue;  // LoRA-FA
-      const double lr = role == 'B' ? options_.lr * options_.loraplus_lr_ratio : options_.lr;
-      const T decay = static_cast<T>(1.0 - lr * options_.weight_decay);
-      const T step_size = static_cast<T>(lr / bias1);
-      ParameterView<T>& view = params_[i];
-      Matrix& m = m_[i];
-      Matrix& v = v_[i];
-      if (view.sparse_columns()) {  // lazily: only the columns with a gradient
-        for (Eigen::Index j : view.columns->list)
-          update(view.value.col(j), view.grad.col(j), m.col(j), v.col(j), decay, step_size);
-      } else {
-        update(view.value.block(0, 0, m.rows(), m.cols()),
-               view.grad.block(0, 0, m.rows(), m.cols()), m.block(0, 0, m.rows(), m.cols()),
-               v.block(0, 0, m.rows(), m.cols()), decay, step_size);
-      }
-    }
-  }
+  void step();
 
   /// Sets the gradient of every parameter to zero.
-  void zero_grad() { lora::zero_grad(params_); }
+  void zero_grad();
 
   /// Changes the learning rate (for a schedule); throws std::invalid_argument unless finite, >= 0.
-  void set_learning_rate(double lr) {
-    AdamWOptions o = options_;
-    o.lr = lr;
-    o.validate();
-    options_ = o;
-  }
+  void set_learning_rate(double lr);
   /// The learning rate in use.
   double learning_rate() const { return options_.lr; }
   /// The options in use.
@@ -415,25 +398,7 @@ class AdamW {
   /// the parameters. The next step() then continues bit for bit as the saved run would have.
   /// Throws std::invalid_argument (the optimizer unchanged) for a negative count, a wrong number
   /// of tensors or a shape that differs from its parameter's.
-  void load_state(long long step_count, const std::vector<Matrix>& m,
-                  const std::vector<Matrix>& v) {
-    constexpr const char* where = "lora::AdamW::load_state";
-    detail::require(step_count >= 0, where, ": the step count must be >= 0, got ", step_count);
-    detail::require(m.size() == params_.size() && v.size() == params_.size(), where, ": ",
-                    params_.size(), " parameters but ", m.size(), " first and ", v.size(),
-                    " second moments");
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      detail::require_shape(where, "a first moment", m[i], params_[i].value.rows(),
-                            params_[i].value.cols());
-      detail::require_shape(where, "a second moment", v[i], params_[i].value.rows(),
-                            params_[i].value.cols());
-    }
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      m_[i] = m[i];  // same shapes: copies into the existing storage
-      v_[i] = v[i];
-    }
-    steps_ = step_count;
-  }
+  void load_state(long long step_count, const std::vector<Matrix>& m, const std::vector<Matrix>& v);
 
  private:
   std::vector<ParameterView<T>> params_;
@@ -441,5 +406,92 @@ class AdamW {
   std::vector<Matrix> m_, v_;
   long long steps_ = 0;
 };
+
+// The members with bodies, out of the class so that they are not inline: a file that sees
+// `extern template class AdamW<T>` (lora/extern_templates.hpp) does not instantiate them.
+
+template <typename T>
+AdamW<T>::AdamW(std::vector<ParameterView<T>> params, AdamWOptions options)
+    : params_(std::move(params)), options_(options) {
+  options_.validate();
+  detail::validate_parameters("lora::AdamW", params_);
+  m_.reserve(params_.size());
+  v_.reserve(params_.size());
+  for (const auto& p : params_) {
+    m_.push_back(Matrix::Zero(p.value.rows(), p.value.cols()));
+    v_.push_back(Matrix::Zero(p.value.rows(), p.value.cols()));
+  }
+}
+
+template <typename T>
+void AdamW<T>::step() {
+  detail::require_valid("lora::AdamW::step", params_);
+  ++steps_;
+  const double t = static_cast<double>(steps_);
+  const double bias1 = 1.0 - std::pow(options_.beta1, t);
+  const double bias2 = 1.0 - std::pow(options_.beta2, t);
+  const T b1 = static_cast<T>(options_.beta1), b2 = static_cast<T>(options_.beta2);
+  const T sqrt_bias2 = static_cast<T>(std::sqrt(bias2));
+  const T eps = static_cast<T>(options_.eps);
+  auto update = [&](auto p, auto g, auto m, auto v, T decay, T step_size) {
+    p *= decay;
+    m = b1 * m + (T(1) - b1) * g;
+    v = b2 * v + (T(1) - b2) * g.cwiseAbs2();
+    // As PyTorch: p += -step_size * (m / (sqrt(v) / sqrt(1 - beta2^t) + eps)).
+    p.array() -= step_size * (m.array() / (v.array().sqrt() / sqrt_bias2 + eps));
+  };
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    const char role = detail::factor_role(params_[i].name);
+    if (options_.freeze_A && role == 'A') continue;  // LoRA-FA
+    const double lr = role == 'B' ? options_.lr * options_.loraplus_lr_ratio : options_.lr;
+    const T decay = static_cast<T>(1.0 - lr * options_.weight_decay);
+    const T step_size = static_cast<T>(lr / bias1);
+    ParameterView<T>& view = params_[i];
+    Matrix& m = m_[i];
+    Matrix& v = v_[i];
+    if (view.sparse_columns()) {  // lazily: only the columns with a gradient
+      for (Eigen::Index j : view.columns->list)
+        update(view.value.col(j), view.grad.col(j), m.col(j), v.col(j), decay, step_size);
+    } else {
+      update(view.value.block(0, 0, m.rows(), m.cols()), view.grad.block(0, 0, m.rows(), m.cols()),
+             m.block(0, 0, m.rows(), m.cols()), v.block(0, 0, m.rows(), m.cols()), decay,
+             step_size);
+    }
+  }
+}
+
+template <typename T>
+void AdamW<T>::zero_grad() {
+  lora::zero_grad(params_);
+}
+
+template <typename T>
+void AdamW<T>::set_learning_rate(double lr) {
+  AdamWOptions o = options_;
+  o.lr = lr;
+  o.validate();
+  options_ = o;
+}
+
+template <typename T>
+void AdamW<T>::load_state(long long step_count, const std::vector<Matrix>& m,
+                          const std::vector<Matrix>& v) {
+  constexpr const char* where = "lora::AdamW::load_state";
+  detail::require(step_count >= 0, where, ": the step count must be >= 0, got ", step_count);
+  detail::require(m.size() == params_.size() && v.size() == params_.size(), where, ": ",
+                  params_.size(), " parameters but ", m.size(), " first and ", v.size(),
+                  " second moments");
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    detail::require_shape(where, "a first moment", m[i], params_[i].value.rows(),
+                          params_[i].value.cols());
+    detail::require_shape(where, "a second moment", v[i], params_[i].value.rows(),
+                          params_[i].value.cols());
+  }
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    m_[i] = m[i];  // same shapes: copies into the existing storage
+    v_[i] = v[i];
+  }
+  steps_ = step_count;
+}
 
 }  // namespace lora

@@ -9,6 +9,7 @@
 #pragma once
 
 #include "lora/detail/check.hpp"
+#include "lora/detail/compiled_mode.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -40,15 +41,7 @@ class LRSchedule {
   }
 
   /// The factor f(step) that multiplies the base learning rate (see the top of this file).
-  double factor(long long step) const {
-    const double s = static_cast<double>(step);
-    if (step < warmup_) return s / static_cast<double>(std::max<long long>(1, warmup_));
-    const double rest = static_cast<double>(std::max<long long>(1, total_ - warmup_));
-    if (kind_ == Kind::Linear) return std::max(0.0, static_cast<double>(total_ - step) / rest);
-    const double progress = (s - static_cast<double>(warmup_)) / rest;
-    constexpr double kPi = 3.14159265358979323846;
-    return std::max(0.0, 0.5 * (1.0 + std::cos(kPi * num_cycles_ * 2.0 * progress)));
-  }
+  double factor(long long step) const;
 
   /// base_lr * factor(step): the learning rate of the update taken when `step` updates are done.
   double learning_rate(long long step) const { return base_lr_ * factor(step); }
@@ -68,20 +61,35 @@ class LRSchedule {
   double num_cycles() const { return num_cycles_; }       ///< c (cosine only)
 
  private:
-  LRSchedule(Kind kind, double base_lr, long long warmup, long long total, double cycles)
-      : kind_(kind), base_lr_(base_lr), warmup_(warmup), total_(total), num_cycles_(cycles) {
-    constexpr const char* where = "lora::LRSchedule";
-    detail::require(std::isfinite(base_lr) && base_lr >= 0, where,
-                    ": base_lr must be finite and >= 0, got ", base_lr);
-    detail::require(warmup >= 0 && total >= 0, where,
-                    ": warmup_steps and training_steps must be >= 0, got ", warmup, " and ", total);
-    detail::require(std::isfinite(cycles), where, ": num_cycles must be finite, got ", cycles);
-  }
+  LRSchedule(Kind kind, double base_lr, long long warmup, long long total, double cycles);
 
   Kind kind_;
   double base_lr_;
   long long warmup_, total_;
   double num_cycles_;
 };
+
+#if LORA_WITH_BODIES
+LORA_FUNC double LRSchedule::factor(long long step) const {
+  const double s = static_cast<double>(step);
+  if (step < warmup_) return s / static_cast<double>(std::max<long long>(1, warmup_));
+  const double rest = static_cast<double>(std::max<long long>(1, total_ - warmup_));
+  if (kind_ == Kind::Linear) return std::max(0.0, static_cast<double>(total_ - step) / rest);
+  const double progress = (s - static_cast<double>(warmup_)) / rest;
+  constexpr double kPi = 3.14159265358979323846;
+  return std::max(0.0, 0.5 * (1.0 + std::cos(kPi * num_cycles_ * 2.0 * progress)));
+}
+
+LORA_FUNC LRSchedule::LRSchedule(Kind kind, double base_lr, long long warmup, long long total,
+                                 double cycles)
+    : kind_(kind), base_lr_(base_lr), warmup_(warmup), total_(total), num_cycles_(cycles) {
+  constexpr const char* where = "lora::LRSchedule";
+  detail::require(std::isfinite(base_lr) && base_lr >= 0, where,
+                  ": base_lr must be finite and >= 0, got ", base_lr);
+  detail::require(warmup >= 0 && total >= 0, where,
+                  ": warmup_steps and training_steps must be >= 0, got ", warmup, " and ", total);
+  detail::require(std::isfinite(cycles), where, ": num_cycles must be finite, got ", cycles);
+}
+#endif
 
 }  // namespace lora

@@ -17,21 +17,28 @@
 #include "lora/adapter.hpp"
 #include "lora/config.hpp"
 #include "lora/detail/check.hpp"
+#include "lora/detail/compiled_mode.hpp"
 #include "lora/random.hpp"
 
 #include <Eigen/Core>
-#include <Eigen/QR>
-#include <Eigen/SVD>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <numeric>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+// Only the bodies need Eigen's QR and SVD (about 0.5 s of parsing per file); compiled mode
+// hides the bodies.
+#if LORA_WITH_BODIES
+#include <Eigen/QR>
+#include <Eigen/SVD>
+
+#include <numeric>
+#include <sstream>
+#endif
 
 namespace lora {
 
@@ -89,7 +96,15 @@ LoRAAdapter<T> combine_adapters(const std::vector<const LoRAAdapter<T>*>& adapte
 template <typename T>
 LoRAAdapter<T> combine_adapters(const std::vector<const LoRAAdapter<T>*>& adapters,
                                 const std::vector<double>& weights, Combination how,
-                                int svd_rank = 0) {
+                                int svd_rank = 0);
+
+// The bodies. Compiled mode (LORA_EXTERN_TEMPLATES) hides them: LoRAAdapter<T> exists for T =
+// float and double only, and lora::lora_compiled instantiates both (lora/extern_templates.hpp).
+#if LORA_WITH_BODIES
+
+template <typename T>
+LoRAAdapter<T> combine_adapters(const std::vector<const LoRAAdapter<T>*>& adapters,
+                                const std::vector<double>& weights, Combination how, int svd_rank) {
   using Matrix = typename LoRAAdapter<T>::Matrix;
   using Vector = typename LoRAAdapter<T>::Vector;
   using Index = Eigen::Index;
@@ -395,5 +410,7 @@ LoRAAdapter<T> combine_adapters(const std::vector<const LoRAAdapter<T>*>& adapte
                                            "; scale the weights down"));
   return out;
 }
+
+#endif  // LORA_WITH_BODIES
 
 }  // namespace lora

@@ -75,13 +75,7 @@ class Workspace {
   }
 
   /// Bytes held by all slots.
-  std::size_t bytes() const {
-    std::size_t n = 0;
-    for (const Buffer& b : slots_) n += static_cast<std::size_t>(b.size()) * sizeof(T);
-    for (const IndexVector& b : index_slots_)
-      n += static_cast<std::size_t>(b.size()) * sizeof(Eigen::Index);
-    return n;
-  }
+  std::size_t bytes() const;
 
   /// The number of slots (Slot::Count).
   static constexpr int kSlots = static_cast<int>(Slot::Count);
@@ -93,5 +87,17 @@ class Workspace {
   Buffer slots_[kSlots];
   IndexVector index_slots_[kIndexSlots];
 };
+
+// Out of the class so that it is not inline: a file that sees `extern template class Workspace<T>`
+// (lora/extern_templates.hpp) does not instantiate it.
+
+template <typename T>
+std::size_t Workspace<T>::bytes() const {
+  std::size_t n = 0;
+  for (const Buffer& b : slots_) n += static_cast<std::size_t>(b.size()) * sizeof(T);
+  for (const IndexVector& b : index_slots_)
+    n += static_cast<std::size_t>(b.size()) * sizeof(Eigen::Index);
+  return n;
+}
 
 }  // namespace lora

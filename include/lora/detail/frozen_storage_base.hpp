@@ -40,40 +40,55 @@ class FrozenStorageBase {
  protected:
   /// The checks of merge (merging = true) and unmerge: the merge state, and a row scale g of d
   /// elements or none. `who` names the call ("Bf16FrozenWeight::merge").
-  void check_merge_call(const char* who, bool merging, const Eigen::Ref<const Vector>& g) const {
-    require_state(self().is_merged() != merging, who,
-                  merging ? ": a delta is already merged" : ": nothing is merged");
-    require(g.size() == 0 || g.size() == self().out_features(), who, ": the row scale must have ",
-            self().out_features(), " elements or none, got ", g.size());
-  }
+  void check_merge_call(const char* who, bool merging, const Eigen::Ref<const Vector>& g) const;
 
   /// The check of an InPlace merge's row scale, before anything is written: unmerge() divides
   /// row i by g_i again, so g_i and 1 / g_i must both be finite in S. A zero g_i, or a tiny one (a
   /// DoRA magnitude of 1e-40 gives 1 / g_i = inf in float), would bring W0's row back as inf or
   /// NaN for good: std::domain_error naming the row, weight untouched.
-  void check_inverse_row_scale(const char* who, const Eigen::Ref<const Vector>& g) const {
-    for (Index i = 0; i < g.size(); ++i) {
-      const S inverse = S(1) / g(i);  // as unmerge computes it
-      if (std::isfinite(g(i)) && std::isfinite(inverse)) continue;
-      throw std::domain_error(concat(
-          who, ": the row scale of row ", i, " is ", g(i), " and its inverse ", inverse,
-          ": an InPlace unmerge() divides by it and could not give W0 back (a zero or tiny DoRA "
-          "magnitude, or a zero row of W0 + s*B*A); the weight was left as it was; use "
-          "MergeMode::ExactRestore"));
-    }
-  }
+  void check_inverse_row_scale(const char* who, const Eigen::Ref<const Vector>& g) const;
 
   /// The checks of rebase: not merged, and W of the storage's shape. `who` names the call.
-  void check_rebase_call(const char* who, const Eigen::Ref<const Matrix>& W) const {
-    require_state(!self().is_merged(), who, ": the weight is merged; call unmerge() first");
-    require(W.rows() == self().out_features() && W.cols() == self().in_features(), who,
-            ": the new base must be ", shape_string(self().out_features(), self().in_features()),
-            ", got ", shape_string(W.rows(), W.cols()));
-  }
+  void check_rebase_call(const char* who, const Eigen::Ref<const Matrix>& W) const;
 
  private:
   const Derived& self() const { return static_cast<const Derived&>(*this); }
 };
+
+// The checks, out of the class and not inline, as the members of the storages that call them (see
+// lora/extern_templates.hpp).
+
+template <typename Derived, typename S>
+void FrozenStorageBase<Derived, S>::check_merge_call(const char* who, bool merging,
+                                                     const Eigen::Ref<const Vector>& g) const {
+  require_state(self().is_merged() != merging, who,
+                merging ? ": a delta is already merged" : ": nothing is merged");
+  require(g.size() == 0 || g.size() == self().out_features(), who, ": the row scale must have ",
+          self().out_features(), " elements or none, got ", g.size());
+}
+
+template <typename Derived, typename S>
+void FrozenStorageBase<Derived, S>::check_inverse_row_scale(
+    const char* who, const Eigen::Ref<const Vector>& g) const {
+  for (Index i = 0; i < g.size(); ++i) {
+    const S inverse = S(1) / g(i);  // as unmerge computes it
+    if (std::isfinite(g(i)) && std::isfinite(inverse)) continue;
+    throw std::domain_error(concat(
+        who, ": the row scale of row ", i, " is ", g(i), " and its inverse ", inverse,
+        ": an InPlace unmerge() divides by it and could not give W0 back (a zero or tiny DoRA "
+        "magnitude, or a zero row of W0 + s*B*A); the weight was left as it was; use "
+        "MergeMode::ExactRestore"));
+  }
+}
+
+template <typename Derived, typename S>
+void FrozenStorageBase<Derived, S>::check_rebase_call(const char* who,
+                                                      const Eigen::Ref<const Matrix>& W) const {
+  require_state(!self().is_merged(), who, ": the weight is merged; call unmerge() first");
+  require(W.rows() == self().out_features() && W.cols() == self().in_features(), who,
+          ": the new base must be ", shape_string(self().out_features(), self().in_features()),
+          ", got ", shape_string(W.rows(), W.cols()));
+}
 
 /// Per-object state that a copy must not share (cached oneDNN primitives, a mutex, scratch): a
 /// copy starts with a fresh, empty State of its own (or none, if the original had none), so the

@@ -73,23 +73,7 @@ class PanelStorage : public FrozenStorageBase<Derived, float> {
   bool allocation_free() const { return !use_onednn_ && kGemmAllocationFree; }
 
   /// dequant(W0) as a new fp32 d x k matrix (for inspection and export).
-  Matrix dequantized() const {
-    Matrix W(d_, k_);
-    // Tiles of 16 rows x one alignment unit: decoded row by row, written column by column.
-    constexpr Index kTileRows = 16;
-    const Index unit = self().column_alignment();
-    parallel_for((d_ + kTileRows - 1) / kTileRows, Eigen::nbThreads(), [&](Index t) {
-      const Index i0 = t * kTileRows, rows = std::min(kTileRows, d_ - i0);
-      float tile[kTileRows][kMaxAlignment];
-      for (Index j0 = 0; j0 < k_; j0 += unit) {
-        const Index cols = std::min(unit, k_ - j0);
-        for (Index r = 0; r < rows; ++r) self().dequantize_row(i0 + r, j0, cols, tile[r]);
-        for (Index j = 0; j < cols; ++j)
-          for (Index r = 0; r < rows; ++r) W(i0 + r, j0 + j) = tile[r][j];
-      }
-    });
-    return W;
-  }
+  Matrix dequantized() const;
 
   /// diag(g) (dequant(W0) + s B A) as a new fp32 d x k matrix, without merging: the weight of a
   /// merged model, for serving.   B: d x r,  A: r x k,  g: d or empty (all ones).
@@ -109,45 +93,18 @@ class PanelStorage : public FrozenStorageBase<Derived, float> {
 
   /// out(i) = || row i of dequant(W0) ||_2 in double, segment by segment (no d x k temporary).
   /// Throws std::logic_error while merged.
-  void row_norms(Eigen::Ref<Eigen::VectorXd> out) const {
-    require_state(!is_merged_, Derived::kStorageName,
-                  "::row_norms: the weight is merged; row_norms are those of W0, call it before "
-                  "merge()");
-    require(out.size() == d_, Derived::kStorageName, "::row_norms: out must have length ", d_,
-            " (out_features), got ", out.size());
-    const Index unit = self().column_alignment();
-    float block[kMaxAlignment];
-    for (Index i = 0; i < d_; ++i) {
-      double sum = 0.0;
-      for (Index j = 0; j < k_; j += unit) {
-        const Index count = std::min(unit, k_ - j);
-        self().dequantize_row(i, j, count, block);
-        for (Index t = 0; t < count; ++t) sum += double(block[t]) * double(block[t]);
-      }
-      out(i) = std::sqrt(sum);
-    }
-  }
+  void row_norms(Eigen::Ref<Eigen::VectorXd> out) const;
 
   /// W = diag(g) (dequant(W0) + s B A), built in fp32 beside the packed W0 (d*k*4 bytes).
   /// B: d x r,  A: r x k,  g: d or empty. Throws std::logic_error when already merged and
   /// std::domain_error, leaving the weight as it was, when an element is not finite in fp32.
   void merge(float s, const Eigen::Ref<const Matrix>& B, const Eigen::Ref<const Matrix>& A,
-             const Eigen::Ref<const Vector>& g = Vector()) {
-    const std::string who = concat(Derived::kStorageName, "::merge");
-    this->check_merge_call(who.c_str(), true, g);
-    merged_ = build_merged(who.c_str(), s, B, A, g);
-    is_merged_ = true;
-  }
+             const Eigen::Ref<const Vector>& g = Vector());
 
   /// Back to W0, bit for bit: drops the merged weight (the arguments are those of the merge and
   /// are not needed). Throws std::logic_error when nothing is merged.
   void unmerge(float /*s*/, const Eigen::Ref<const Matrix>& /*B*/,
-               const Eigen::Ref<const Matrix>& /*A*/,
-               const Eigen::Ref<const Vector>& g = Vector()) {
-    this->check_merge_call(concat(Derived::kStorageName, "::unmerge").c_str(), false, g);
-    merged_ = Matrix();
-    is_merged_ = false;
-  }
+               const Eigen::Ref<const Matrix>& /*A*/, const Eigen::Ref<const Vector>& g = Vector());
 
  protected:
   friend class FrozenStorageBase<Derived, float>;  // calls product()
@@ -231,86 +188,12 @@ class PanelStorage : public FrozenStorageBase<Derived, float> {
   }
 
   Matrix build_merged(const char* where, float s, const Eigen::Ref<const Matrix>& B,
-                      const Eigen::Ref<const Matrix>& A, const Eigen::Ref<const Vector>& g) const {
-    require(B.rows() == d_ && A.cols() == k_ && B.cols() == A.rows(), where, ": B must be ", d_,
-            " x r and A r x ", k_, ", got B ", shape_string(B.rows(), B.cols()), " and A ",
-            shape_string(A.rows(), A.cols()));
-    require(g.size() == 0 || g.size() == d_, where, ": g must be empty or have length ", d_,
-            " (out_features), got ", g.size());
-    Matrix W = dequantized();
-    gemm_add(W, B, A, s);  // (d x r)(r x k)
-    if (g.size() != 0) W.array().colwise() *= g.array();
-    if (!W.allFinite()) {
-      for (Index j = 0; j < k_; ++j)
-        for (Index i = 0; i < d_; ++i)
-          if (!std::isfinite(W(i, j)))
-            throw std::domain_error(
-                concat(where, ": diag(g) (W0 + s*B*A) is not finite in fp32 at (", i, ", ", j,
-                       "): it is ", W(i, j), "; the weight was left as it was"));
-    }
-    return W;
-  }
+                      const Eigen::Ref<const Matrix>& A, const Eigen::Ref<const Vector>& g) const;
 
-  void product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H, bool accumulate) const {
-    eigen_assert(X.rows() == k_ && H.rows() == d_ && H.cols() == X.cols());
-    if (X.cols() == 0) return;
-    if (is_merged_) {
-      if (!accumulate) H.setZero();
-      gemm_add(H, merged_, X, 1.0f);  // (d x k)(k x n)
-      return;
-    }
-    if (self().small_batch_product(X, H, accumulate)) return;
-#if defined(LORA_WITH_ONEDNN)
-    if (use_onednn_) {
-      onednn_product(X, H, accumulate);
-      return;
-    }
-#endif
-    if (!accumulate) H.setZero();
-    const Index P = row_panel(), C = row_panel_chunk(P);
-    // Panels write disjoint rows of H: one thread each (the product inside then runs serially),
-    // each in tiles of C columns of W (all of k unless P x k exceeds the panel's bytes).
-    parallel_for((d_ + P - 1) / P, Eigen::nbThreads(), [&](Index p) {
-      const Index i0 = p * P, rows = std::min(P, d_ - i0);
-      for (Index j0 = 0; j0 < k_; j0 += C) {
-        const Index cols = std::min(C, k_ - j0);
-        Eigen::Map<Matrix> Wt(buffer_f32(0, cols * rows), cols, rows);  // Wt(j, i) = W'(i0+i, j0+j)
-        for (Index i = 0; i < rows; ++i) self().dequantize_row(i0 + i, j0, cols, Wt.col(i).data());
-        // (rows x cols)(cols x n)
-        gemm_add(H.middleRows(i0, rows), Wt.transpose(), X.middleRows(j0, cols), 1.0f);
-      }
-    });
-  }
+  void product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H, bool accumulate) const;
 
   void transposed_product(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX,
-                          bool accumulate) const {
-    eigen_assert(G.rows() == d_ && dX.rows() == k_ && dX.cols() == G.cols());
-    if (G.cols() == 0) return;
-    if (is_merged_) {
-      if (!accumulate) dX.setZero();
-      gemm_add(dX, merged_.transpose(), G, 1.0f);  // (k x d)(d x n)
-      return;
-    }
-#if defined(LORA_WITH_ONEDNN)
-    if (use_onednn_) {
-      onednn_transposed_product(G, dX, accumulate);
-      return;
-    }
-#endif
-    if (!accumulate) dX.setZero();
-    const Index Q = col_panel(), R = col_panel_chunk(Q);
-    // Column panels of W write disjoint rows of dX: one thread each, in tiles of R rows of W.
-    parallel_for((k_ + Q - 1) / Q, Eigen::nbThreads(), [&](Index p) {
-      const Index j0 = p * Q, cols = std::min(Q, k_ - j0);
-      for (Index i0 = 0; i0 < d_; i0 += R) {
-        const Index rows = std::min(R, d_ - i0);
-        Eigen::Map<Matrix> Wt(buffer_f32(0, cols * rows), cols, rows);  // Wt(j, i) = W'(i0+i, j0+j)
-        for (Index i = 0; i < rows; ++i) self().dequantize_row(i0 + i, j0, cols, Wt.col(i).data());
-        // (cols x rows)(rows x n)
-        gemm_add(dX.middleRows(j0, cols), Wt, G.middleRows(i0, rows), 1.0f);
-      }
-    });
-  }
+                          bool accumulate) const;
 
   Matrix merged_;  // diag(g)(W' + s B A) while merged, else empty
   bool is_merged_ = false;
@@ -365,67 +248,227 @@ class PanelStorage : public FrozenStorageBase<Derived, float> {
   }
 
   void onednn_product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
-                      bool accumulate) const {
-    std::lock_guard<std::mutex> lock(onednn_->mutex);
-    const Index n = X.cols();
-    bf16* xb = buffer_bf16(0, k_ * n);  // X rounded to bf16, packed (k x n)
-    for (Index j = 0; j < n; ++j) to_bf16(X.data() + j * X.outerStride(), xb + j * k_, k_);
-    const Index P = row_panel(), C = row_panel_chunk(P);
-    for_each_panel((d_ + P - 1) / P, [&](Index p, int thread) {
-      const Index i0 = p * P, rows = std::min(P, d_ - i0);
-      for (Index j0 = 0; j0 < k_; j0 += C) {  // tiles of C columns of W (all of k unless wide)
-        const Index cols = std::min(C, k_ - j0);
-        // The tile row-major (rows x cols): row i at panel + i * cols.
-        bf16* panel = buffer_bf16(1, rows * cols);
-        for (Index i = 0; i < rows; ++i)
-          self().dequantize_row_bf16(i0 + i, j0, cols, panel + i * cols);
-        // H(i0:i0+rows, :)^T (n x rows) (+)= X(j0:j0+cols, :)^T (n x cols) * tile^T.
-        onednn::MatmulShape s;
-        s.M = n;
-        s.K = cols;
-        s.N = rows;
-        s.src_ld = k_;
-        s.dst_ld = H.outerStride();
-        s.wei_s0 = 1;  // tile^T(kk, i) = tile(i, kk) at i * cols + kk
-        s.wei_s1 = cols;
-        s.src_type = s.wei_type = onednn::dt::bf16;
-        s.accumulate = accumulate || j0 > 0;
-        onednn_->cache(thread).run(s, xb + j0, panel, H.data() + i0);
-      }
-    });
-  }
+                      bool accumulate) const;
 
   void onednn_transposed_product(const Eigen::Ref<const Matrix>& G, Eigen::Ref<Matrix> dX,
-                                 bool accumulate) const {
-    std::lock_guard<std::mutex> lock(onednn_->mutex);
-    const Index n = G.cols();
-    bf16* gb = buffer_bf16(0, d_ * n);  // G rounded to bf16, packed (d x n)
-    for (Index j = 0; j < n; ++j) to_bf16(G.data() + j * G.outerStride(), gb + j * d_, d_);
-    const Index Q = col_panel(), R = col_panel_chunk(Q);
-    for_each_panel((k_ + Q - 1) / Q, [&](Index p, int thread) {
-      const Index j0 = p * Q, cols = std::min(Q, k_ - j0);
-      for (Index i0 = 0; i0 < d_; i0 += R) {  // tiles of R rows of W (all of d unless tall)
-        const Index rows = std::min(R, d_ - i0);
-        // The tile row-major (rows x cols): W'(i0 + i, j0 + j) at panel + i * cols + j.
-        bf16* panel = buffer_bf16(1, rows * cols);
-        for (Index i = 0; i < rows; ++i)
-          self().dequantize_row_bf16(i0 + i, j0, cols, panel + i * cols);
-        // dX(j0:j0+cols, :)^T (n x cols) (+)= G(i0:i0+rows, :)^T (n x rows) * tile.
-        onednn::MatmulShape s;
-        s.M = n;
-        s.K = rows;
-        s.N = cols;
-        s.src_ld = d_;
-        s.dst_ld = dX.outerStride();
-        s.wei_s0 = cols;
-        s.wei_s1 = 1;
-        s.src_type = s.wei_type = onednn::dt::bf16;
-        s.accumulate = accumulate || i0 > 0;
-        onednn_->cache(thread).run(s, gb + i0, panel, dX.data() + j0);
-      }
-    });
-  }
+                                 bool accumulate) const;
 #endif
 };
+
+// The members with bodies, out of the class and not inline, so that an `extern template` of a
+// PanelStorage<S> keeps a file from instantiating them (see lora/extern_templates.hpp).
+
+template <typename Derived>
+auto PanelStorage<Derived>::dequantized() const -> Matrix {
+  Matrix W(d_, k_);
+  // Tiles of 16 rows x one alignment unit: decoded row by row, written column by column.
+  constexpr Index kTileRows = 16;
+  const Index unit = self().column_alignment();
+  parallel_for((d_ + kTileRows - 1) / kTileRows, Eigen::nbThreads(), [&](Index t) {
+    const Index i0 = t * kTileRows, rows = std::min(kTileRows, d_ - i0);
+    float tile[kTileRows][kMaxAlignment];
+    for (Index j0 = 0; j0 < k_; j0 += unit) {
+      const Index cols = std::min(unit, k_ - j0);
+      for (Index r = 0; r < rows; ++r) self().dequantize_row(i0 + r, j0, cols, tile[r]);
+      for (Index j = 0; j < cols; ++j)
+        for (Index r = 0; r < rows; ++r) W(i0 + r, j0 + j) = tile[r][j];
+    }
+  });
+  return W;
+}
+
+template <typename Derived>
+void PanelStorage<Derived>::row_norms(Eigen::Ref<Eigen::VectorXd> out) const {
+  require_state(!is_merged_, Derived::kStorageName,
+                "::row_norms: the weight is merged; row_norms are those of W0, call it before "
+                "merge()");
+  require(out.size() == d_, Derived::kStorageName, "::row_norms: out must have length ", d_,
+          " (out_features), got ", out.size());
+  const Index unit = self().column_alignment();
+  float block[kMaxAlignment];
+  for (Index i = 0; i < d_; ++i) {
+    double sum = 0.0;
+    for (Index j = 0; j < k_; j += unit) {
+      const Index count = std::min(unit, k_ - j);
+      self().dequantize_row(i, j, count, block);
+      for (Index t = 0; t < count; ++t) sum += double(block[t]) * double(block[t]);
+    }
+    out(i) = std::sqrt(sum);
+  }
+}
+
+template <typename Derived>
+void PanelStorage<Derived>::merge(float s, const Eigen::Ref<const Matrix>& B,
+                                  const Eigen::Ref<const Matrix>& A,
+                                  const Eigen::Ref<const Vector>& g) {
+  const std::string who = concat(Derived::kStorageName, "::merge");
+  this->check_merge_call(who.c_str(), true, g);
+  merged_ = build_merged(who.c_str(), s, B, A, g);
+  is_merged_ = true;
+}
+
+template <typename Derived>
+void PanelStorage<Derived>::unmerge(float /*s*/, const Eigen::Ref<const Matrix>& /*B*/,
+                                    const Eigen::Ref<const Matrix>& /*A*/,
+                                    const Eigen::Ref<const Vector>& g) {
+  this->check_merge_call(concat(Derived::kStorageName, "::unmerge").c_str(), false, g);
+  merged_ = Matrix();
+  is_merged_ = false;
+}
+
+template <typename Derived>
+auto PanelStorage<Derived>::build_merged(const char* where, float s,
+                                         const Eigen::Ref<const Matrix>& B,
+                                         const Eigen::Ref<const Matrix>& A,
+                                         const Eigen::Ref<const Vector>& g) const -> Matrix {
+  require(B.rows() == d_ && A.cols() == k_ && B.cols() == A.rows(), where, ": B must be ", d_,
+          " x r and A r x ", k_, ", got B ", shape_string(B.rows(), B.cols()), " and A ",
+          shape_string(A.rows(), A.cols()));
+  require(g.size() == 0 || g.size() == d_, where, ": g must be empty or have length ", d_,
+          " (out_features), got ", g.size());
+  Matrix W = dequantized();
+  gemm_add(W, B, A, s);  // (d x r)(r x k)
+  if (g.size() != 0) W.array().colwise() *= g.array();
+  if (!W.allFinite()) {
+    for (Index j = 0; j < k_; ++j)
+      for (Index i = 0; i < d_; ++i)
+        if (!std::isfinite(W(i, j)))
+          throw std::domain_error(concat(where, ": diag(g) (W0 + s*B*A) is not finite in fp32 at (",
+                                         i, ", ", j, "): it is ", W(i, j),
+                                         "; the weight was left as it was"));
+  }
+  return W;
+}
+
+template <typename Derived>
+void PanelStorage<Derived>::product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
+                                    bool accumulate) const {
+  eigen_assert(X.rows() == k_ && H.rows() == d_ && H.cols() == X.cols());
+  if (X.cols() == 0) return;
+  if (is_merged_) {
+    if (!accumulate) H.setZero();
+    gemm_add(H, merged_, X, 1.0f);  // (d x k)(k x n)
+    return;
+  }
+  if (self().small_batch_product(X, H, accumulate)) return;
+#if defined(LORA_WITH_ONEDNN)
+  if (use_onednn_) {
+    onednn_product(X, H, accumulate);
+    return;
+  }
+#endif
+  if (!accumulate) H.setZero();
+  const Index P = row_panel(), C = row_panel_chunk(P);
+  // Panels write disjoint rows of H: one thread each (the product inside then runs serially),
+  // each in tiles of C columns of W (all of k unless P x k exceeds the panel's bytes).
+  parallel_for((d_ + P - 1) / P, Eigen::nbThreads(), [&](Index p) {
+    const Index i0 = p * P, rows = std::min(P, d_ - i0);
+    for (Index j0 = 0; j0 < k_; j0 += C) {
+      const Index cols = std::min(C, k_ - j0);
+      Eigen::Map<Matrix> Wt(buffer_f32(0, cols * rows), cols, rows);  // Wt(j, i) = W'(i0+i, j0+j)
+      for (Index i = 0; i < rows; ++i) self().dequantize_row(i0 + i, j0, cols, Wt.col(i).data());
+      // (rows x cols)(cols x n)
+      gemm_add(H.middleRows(i0, rows), Wt.transpose(), X.middleRows(j0, cols), 1.0f);
+    }
+  });
+}
+
+template <typename Derived>
+void PanelStorage<Derived>::transposed_product(const Eigen::Ref<const Matrix>& G,
+                                               Eigen::Ref<Matrix> dX, bool accumulate) const {
+  eigen_assert(G.rows() == d_ && dX.rows() == k_ && dX.cols() == G.cols());
+  if (G.cols() == 0) return;
+  if (is_merged_) {
+    if (!accumulate) dX.setZero();
+    gemm_add(dX, merged_.transpose(), G, 1.0f);  // (k x d)(d x n)
+    return;
+  }
+#if defined(LORA_WITH_ONEDNN)
+  if (use_onednn_) {
+    onednn_transposed_product(G, dX, accumulate);
+    return;
+  }
+#endif
+  if (!accumulate) dX.setZero();
+  const Index Q = col_panel(), R = col_panel_chunk(Q);
+  // Column panels of W write disjoint rows of dX: one thread each, in tiles of R rows of W.
+  parallel_for((k_ + Q - 1) / Q, Eigen::nbThreads(), [&](Index p) {
+    const Index j0 = p * Q, cols = std::min(Q, k_ - j0);
+    for (Index i0 = 0; i0 < d_; i0 += R) {
+      const Index rows = std::min(R, d_ - i0);
+      Eigen::Map<Matrix> Wt(buffer_f32(0, cols * rows), cols, rows);  // Wt(j, i) = W'(i0+i, j0+j)
+      for (Index i = 0; i < rows; ++i) self().dequantize_row(i0 + i, j0, cols, Wt.col(i).data());
+      // (cols x rows)(rows x n)
+      gemm_add(dX.middleRows(j0, cols), Wt, G.middleRows(i0, rows), 1.0f);
+    }
+  });
+}
+
+#if defined(LORA_WITH_ONEDNN)
+template <typename Derived>
+void PanelStorage<Derived>::onednn_product(const Eigen::Ref<const Matrix>& X, Eigen::Ref<Matrix> H,
+                                           bool accumulate) const {
+  std::lock_guard<std::mutex> lock(onednn_->mutex);
+  const Index n = X.cols();
+  bf16* xb = buffer_bf16(0, k_ * n);  // X rounded to bf16, packed (k x n)
+  for (Index j = 0; j < n; ++j) to_bf16(X.data() + j * X.outerStride(), xb + j * k_, k_);
+  const Index P = row_panel(), C = row_panel_chunk(P);
+  for_each_panel((d_ + P - 1) / P, [&](Index p, int thread) {
+    const Index i0 = p * P, rows = std::min(P, d_ - i0);
+    for (Index j0 = 0; j0 < k_; j0 += C) {  // tiles of C columns of W (all of k unless wide)
+      const Index cols = std::min(C, k_ - j0);
+      // The tile row-major (rows x cols): row i at panel + i * cols.
+      bf16* panel = buffer_bf16(1, rows * cols);
+      for (Index i = 0; i < rows; ++i)
+        self().dequantize_row_bf16(i0 + i, j0, cols, panel + i * cols);
+      // H(i0:i0+rows, :)^T (n x rows) (+)= X(j0:j0+cols, :)^T (n x cols) * tile^T.
+      onednn::MatmulShape s;
+      s.M = n;
+      s.K = cols;
+      s.N = rows;
+      s.src_ld = k_;
+      s.dst_ld = H.outerStride();
+      s.wei_s0 = 1;  // tile^T(kk, i) = tile(i, kk) at i * cols + kk
+      s.wei_s1 = cols;
+      s.src_type = s.wei_type = onednn::dt::bf16;
+      s.accumulate = accumulate || j0 > 0;
+      onednn_->cache(thread).run(s, xb + j0, panel, H.data() + i0);
+    }
+  });
+}
+
+template <typename Derived>
+void PanelStorage<Derived>::onednn_transposed_product(const Eigen::Ref<const Matrix>& G,
+                                                      Eigen::Ref<Matrix> dX,
+                                                      bool accumulate) const {
+  std::lock_guard<std::mutex> lock(onednn_->mutex);
+  const Index n = G.cols();
+  bf16* gb = buffer_bf16(0, d_ * n);  // G rounded to bf16, packed (d x n)
+  for (Index j = 0; j < n; ++j) to_bf16(G.data() + j * G.outerStride(), gb + j * d_, d_);
+  const Index Q = col_panel(), R = col_panel_chunk(Q);
+  for_each_panel((k_ + Q - 1) / Q, [&](Index p, int thread) {
+    const Index j0 = p * Q, cols = std::min(Q, k_ - j0);
+    for (Index i0 = 0; i0 < d_; i0 += R) {  // tiles of R rows of W (all of d unless tall)
+      const Index rows = std::min(R, d_ - i0);
+      // The tile row-major (rows x cols): W'(i0 + i, j0 + j) at panel + i * cols + j.
+      bf16* panel = buffer_bf16(1, rows * cols);
+      for (Index i = 0; i < rows; ++i)
+        self().dequantize_row_bf16(i0 + i, j0, cols, panel + i * cols);
+      // dX(j0:j0+cols, :)^T (n x cols) (+)= G(i0:i0+rows, :)^T (n x rows) * tile.
+      onednn::MatmulShape s;
+      s.M = n;
+      s.K = rows;
+      s.N = cols;
+      s.src_ld = d_;
+      s.dst_ld = dX.outerStride();
+      s.wei_s0 = cols;
+      s.wei_s1 = 1;
+      s.src_type = s.wei_type = onednn::dt::bf16;
+      s.accumulate = accumulate || i0 > 0;
+      onednn_->cache(thread).run(s, gb + i0, panel, dX.data() + j0);
+    }
+  });
+}
+#endif
 
 }  // namespace lora::detail
