@@ -1,15 +1,17 @@
 // Compiled mode (opt-in): `extern template` declarations of the instantiations lora ships, so that
 // a file including lora does not instantiate and optimise them again. Define LORA_EXTERN_TEMPLATES
-// (linking the CMake target lora::lora_compiled does it) and link the static library that target
+// (linking the CMake target lora::compiled does it) and link the static library that target
 // builds, which instantiates them once (src/lora_compiled.cpp). Without the macro this header
-// declares nothing and lora stays header-only. The library must be built with the same
+// declares nothing and lora stays header-only (lora/detail/compiled_mode.hpp does the same for
+// the non-template functions). The library must be built with the same
 // architecture flags as its users (its CMake target passes them on).
 //
 // Covered: the layers (LoRALinear, MultiLoRALinear and their core AdapterLayer) over float and
-// double dense storages and the float bf16 and NF4 storages, the adapters, the dense storages,
-// the workspaces, SGD and AdamW, combine_adapters, PEFT adapter I/O, optimizer state, and the GEMM
-// kernel driver every product goes through. Other instantiations (another scalar, a user's own
-// storage) are instantiated in the user's file as usual.
+// double dense storages and the float bf16 and NF4 storages, the adapters, the storages and their
+// bases, the workspaces, SGD and AdamW, clip_grad_norm and zero_grad, combine_adapters, PEFT
+// adapter I/O, optimizer state, and the GEMM kernel driver every product goes through. Other
+// instantiations (another scalar, a user's own storage) are instantiated in the user's file as
+// usual.
 #pragma once
 
 #include "lora/detail/compiled_mode.hpp"
@@ -31,6 +33,15 @@
   LORA_TEMPLATE class lora::LoRALinear<T, F>;   \
   LORA_TEMPLATE class lora::MultiLoRALinear<T, F>;
 
+// The storages' shared bases (a class's explicit instantiation does not instantiate its bases).
+LORA_TEMPLATE class lora::detail::FrozenStorageBase<lora::DenseFrozenWeight<float>, float>;
+LORA_TEMPLATE class lora::detail::FrozenStorageBase<lora::DenseFrozenWeight<double>, double>;
+LORA_TEMPLATE class lora::detail::FrozenStorageBase<lora::Bf16FrozenWeight, float>;
+LORA_TEMPLATE class lora::detail::FrozenStorageBase<lora::Nf4FrozenWeight, float>;
+LORA_TEMPLATE class lora::detail::PanelStorage<lora::Nf4FrozenWeight>;
+LORA_TEMPLATE class lora::detail::FrozenStorageBase<lora::GgmlFrozenWeight, float>;
+LORA_TEMPLATE class lora::detail::PanelStorage<lora::GgmlFrozenWeight>;
+
 LORA_LAYER_TEMPLATES(float, lora::DenseFrozenWeight<float>)
 LORA_LAYER_TEMPLATES(double, lora::DenseFrozenWeight<double>)
 LORA_LAYER_TEMPLATES(float, lora::Bf16FrozenWeight)
@@ -42,6 +53,8 @@ LORA_LAYER_TEMPLATES(float, lora::Nf4FrozenWeight)
   LORA_TEMPLATE class lora::Workspace<T>;                                                      \
   LORA_TEMPLATE class lora::SGD<T>;                                                            \
   LORA_TEMPLATE class lora::AdamW<T>;                                                          \
+  LORA_TEMPLATE T lora::clip_grad_norm<T>(const std::vector<lora::ParameterView<T>>&, T);      \
+  LORA_TEMPLATE void lora::zero_grad<T>(const std::vector<lora::ParameterView<T>>&);           \
   LORA_TEMPLATE lora::LoRAAdapter<T> lora::combine_adapters<T>(                                \
       const std::vector<const lora::LoRAAdapter<T>*>&, const std::vector<double>&,             \
       lora::Combination, int);                                                                 \
