@@ -1,8 +1,9 @@
 // A realistic user translation unit for the compile-cost table (scripts/compile_cost): what a
 // trainer's main file does with lora. PEFT adapter I/O, an NF4 and a bf16 base, DoRA, LoRA on
 // float and double layers, a MultiLoRALinear, AdamW with clipping and a schedule, optimizer
-// state. Compiled, never run: its cost is the figure. Built with -DLORA_EXTERN_TEMPLATES (and
-// linked with lora::lora_compiled) it is the compiled mode's figure.
+// state. Its compile cost is the figure; built with -DLORA_EXTERN_TEMPLATES (and linked with
+// lora::compiled) it is the compiled mode's figure. The test suite builds it that way and runs it
+// (compiled_mode_realistic_tu), so that a body missing from the library fails a link.
 #include <lora/lora.hpp>
 
 #include <Eigen/Core>

@@ -11,7 +11,7 @@
 #include "lora/nf4_frozen_weight.hpp"
 #include "lora/peft.hpp"
 
-// Compiled mode: with LORA_EXTERN_TEMPLATES (lora::lora_compiled) the shipped instantiations are
+// Compiled mode: with LORA_EXTERN_TEMPLATES (lora::compiled) the shipped instantiations are
 // declared extern here and compiled once in that library.
 #if defined(LORA_EXTERN_TEMPLATES)
 #include "lora/extern_templates.hpp"

@@ -99,7 +99,7 @@ LoRAAdapter<T> combine_adapters(const std::vector<const LoRAAdapter<T>*>& adapte
                                 int svd_rank = 0);
 
 // The bodies. Compiled mode (LORA_EXTERN_TEMPLATES) hides them: LoRAAdapter<T> exists for T =
-// float and double only, and lora::lora_compiled instantiates both (lora/extern_templates.hpp).
+// float and double only, and lora::compiled instantiates both (lora/extern_templates.hpp).
 #if LORA_WITH_BODIES
 
 template <typename T>

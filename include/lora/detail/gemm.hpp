@@ -214,7 +214,7 @@ void gemm_add(CType&& C, const LType& Lx, const RType& Rx, typename LType::Scala
 
 }  // namespace lora::detail
 
-// Compiled mode (LORA_EXTERN_TEMPLATES, lora::lora_compiled): the drivers are compiled once in the
+// Compiled mode (LORA_EXTERN_TEMPLATES, lora::compiled): the drivers are compiled once in the
 // library. Declared here, before any lora header uses them.
 #if defined(LORA_EXTERN_TEMPLATES) && !defined(LORA_GEMM_USE_EIGEN_PRODUCTS)
 LORA_GEMM_SPLIT_TEMPLATES(extern template, float)
