@@ -30,5 +30,6 @@
 // library (an ODR violation, silently wrong): such a program stays header-only.
 #if defined(LORA_EXTERN_TEMPLATES) && !defined(LORA_COMPILED_INSTANTIATE) && \
     (defined(LORA_WITH_ONEDNN) || defined(LORA_WITH_BLIS) || defined(LORA_WITH_OPENBLAS))
-#error "lora::compiled is built without oneDNN and BLAS: a program linking lora::onednn or lora::blas links lora::peft (header-only) instead of lora::compiled"
+#error \
+    "lora::compiled is built without oneDNN and BLAS: a program linking lora::onednn or lora::blas links lora::peft (header-only) instead of lora::compiled"
 #endif
